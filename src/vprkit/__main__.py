@@ -1,0 +1,5 @@
+import sys
+
+from vprkit.cli import main
+
+sys.exit(main())

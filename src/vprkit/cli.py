@@ -1,0 +1,48 @@
+"""`vprkit <verb> ...`: argument parsing only; each verb lives in its own module.
+
+A verb module defines `add_arguments(parser)` and `run(args) -> int`. Modules are imported
+only when their verb runs, so `vprkit --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "models": ("vprkit.models.registry", "list the registered model names"),
+    "weights": ("vprkit.hub", "list, download and verify official weight files"),
+    "synth": ("vprkit.data.synthetic", "generate synthetic places (GSV-Cities and VG formats)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vprkit", description="Visual place recognition toolkit.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for verb, (module_name, help_text) in VERBS.items():
+        verb_parser = sub.add_parser(
+            verb, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
+        verb_parser.set_defaults(_module=module_name)
+        # Arguments are added lazily below, only for the verb being run.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    if verb in VERBS:
+        module = importlib.import_module(VERBS[verb][0])
+        sub_action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        module.add_arguments(sub_action.choices[verb])
+    args = parser.parse_args(argv)
+    module = importlib.import_module(args._module)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
