@@ -1,0 +1,552 @@
+"""Official weight files: where they live, a resumable checksummed downloader, and the
+`vprkit weights list | download NAME | verify FILE` command.
+
+Files are cached in `<VPRKIT_HOME>/weights/<filename>` (default `~/.cache/vprkit`). A download
+goes to `<filename>.part` and is renamed only once its length and checksum are right, so the
+final name never holds a half-written file; an interrupted `.part` is resumed with an HTTP
+Range request on the next try.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import os
+import re
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+__all__ = [
+    "OFFICIAL_WEIGHTS",
+    "ChecksumError",
+    "DownloadError",
+    "ManualDownloadRequired",
+    "VerifyResult",
+    "WeightsEntry",
+    "add_arguments",
+    "download",
+    "fetch",
+    "resolve_weights",
+    "run",
+    "sha256_file",
+    "verify",
+    "vprkit_home",
+    "weights_dir",
+]
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    """One official weight file. `url` is None for files that must be downloaded by hand
+    (Google Drive links), in which case `manual` says where to find them."""
+
+    name: str
+    url: str | None
+    filename: str
+    sha256: str | None = None
+    sha256_prefix: str | None = None
+    description: str = ""
+    manual: str | None = None
+
+    @property
+    def checksum(self) -> str | None:
+        """The full sha256 if known, else the known prefix, else None."""
+        return self.sha256 or self.sha256_prefix
+
+
+_DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{arch}/{arch}{reg}_pretrain.pth"
+_DINOV2_ARCHS = {
+    "dinov2_vits14": "ViT-S/14, 21M parameters",
+    "dinov2_vitb14": "ViT-B/14, 86M parameters; CricaVPR's backbone",
+    "dinov2_vitl14": "ViT-L/14, 300M parameters; SelaVPR's backbone",
+    "dinov2_vitg14": "ViT-g/14, 1.1B parameters",
+}
+_SELAVPR_NOTE = (
+    "download it from the Google Drive link in the SelaVPR README "
+    "(https://github.com/Lu-Feng/SelaVPR)"
+)
+_R2FORMER_NOTE = (
+    "download it from the Google Drive link in the R2Former README "
+    "(https://github.com/bytedance/R2Former)"
+)
+
+
+def _build_table() -> dict[str, WeightsEntry]:
+    # No sha256 is recorded for files whose hash nobody here has computed from the real
+    # file: a guessed hash would reject every correct download.
+    entries: list[WeightsEntry] = []
+    for arch, desc in _DINOV2_ARCHS.items():
+        for reg, extra in (("", ""), ("_reg4", " with 4 register tokens")):
+            entries.append(
+                WeightsEntry(
+                    name=f"{arch}{reg}",
+                    url=_DINOV2_URL.format(arch=arch, reg=reg),
+                    filename=f"{arch}{reg}_pretrain.pth",
+                    description=f"DINOv2 {desc}{extra} (Meta, pretrained)",
+                )
+            )
+    entries += [
+        WeightsEntry(
+            name="deit_small_distilled_patch16_224",
+            url="https://dl.fbaipublicfiles.com/deit/deit_small_distilled_patch16_224-649709d9.pth",
+            filename="deit_small_distilled_patch16_224-649709d9.pth",
+            # timm's check_hash convention: the hex in the file name starts its sha256.
+            sha256_prefix="649709d9",
+            description="DeiT-S distilled, ImageNet (Meta); R2Former's backbone",
+        ),
+        WeightsEntry(
+            name="cricavpr",
+            url="https://github.com/Lu-Feng/CricaVPR/releases/download/v1.0/CricaVPR.pth",
+            filename="CricaVPR.pth",
+            description="CricaVPR (CVPR 2024), DINOv2 ViT-B/14, trained on GSV-Cities",
+        ),
+        WeightsEntry(
+            name="selavpr_msls",
+            url=None,
+            filename="SelaVPR_msls.pth",
+            description="SelaVPR (ICLR 2024), DINOv2 ViT-L/14, fine-tuned on MSLS",
+            manual=_SELAVPR_NOTE,
+        ),
+        WeightsEntry(
+            name="selavpr_pitts30k",
+            url=None,
+            filename="SelaVPR_pitts30k.pth",
+            description="SelaVPR (ICLR 2024), DINOv2 ViT-L/14, fine-tuned on Pitts30k",
+            manual=_SELAVPR_NOTE,
+        ),
+        WeightsEntry(
+            name="selavpr_reg4_msls",
+            url=None,
+            filename="SelaVPR_reg4_msls.pth",
+            description="SelaVPR (ICLR 2024), DINOv2 ViT-L/14 with registers, MSLS",
+            manual=_SELAVPR_NOTE,
+        ),
+        WeightsEntry(
+            name="r2former",
+            url=None,
+            filename="CVPR23_DeitS_Rerank.pth",
+            description="R2Former (CVPR 2023), global model and re-ranker, MSLS",
+            manual=_R2FORMER_NOTE,
+        ),
+        WeightsEntry(
+            name="r2former_global_msls",
+            url=None,
+            filename="msls_v2_deits.pth",
+            description="R2Former (CVPR 2023), global retrieval model only, MSLS",
+            manual=_R2FORMER_NOTE,
+        ),
+    ]
+    return {e.name: e for e in entries}
+
+
+OFFICIAL_WEIGHTS: dict[str, WeightsEntry] = _build_table()
+
+
+class ChecksumError(ValueError):
+    """A file's sha256 does not match the expected one."""
+
+    def __init__(self, path: str | Path, expected: str, actual: str) -> None:
+        self.path, self.expected, self.actual = Path(path), expected, actual
+        what = "sha256 prefix" if len(expected) < 64 else "sha256"
+        super().__init__(
+            f"checksum mismatch for {self.path}: expected {what} {expected}, got {actual}"
+        )
+
+
+class DownloadError(OSError):
+    """A download failed or was cut short; a kept `.part` file is resumed on the next try."""
+
+
+class ManualDownloadRequired(FileNotFoundError):
+    """An official file that cannot be downloaded automatically is not in the cache."""
+
+
+def vprkit_home() -> Path:
+    """The cache root: `$VPRKIT_HOME`, else `~/.cache/vprkit`."""
+    env = os.environ.get("VPRKIT_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "vprkit"
+
+
+def weights_dir() -> Path:
+    """Where official weight files are cached: `<vprkit_home()>/weights`."""
+    return vprkit_home() / "weights"
+
+
+def _entry(name: str) -> WeightsEntry:
+    try:
+        return OFFICIAL_WEIGHTS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown weights name {name!r}; known names: {', '.join(OFFICIAL_WEIGHTS)}"
+        ) from None
+
+
+def _normalize_hash(value: str, what: str, allow_prefix: bool) -> str:
+    value = value.strip().lower()
+    shortest = 8 if allow_prefix else 64
+    if not re.fullmatch(r"[0-9a-f]+", value) or not shortest <= len(value) <= 64:
+        need = "8 to 64 hex digits" if allow_prefix else "64 hex digits"
+        raise ValueError(f"invalid {what} {value!r}: expected {need}")
+    return value
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """The sha256 hex digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
+    """`bytes START-END/TOTAL` or `bytes */TOTAL` -> (START, TOTAL); None where absent."""
+    m = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*", value or "")
+    if not m:
+        return None, None
+    start = int(m.group(1)) if m.group(1) is not None else None
+    total = int(m.group(2)) if m.group(2) != "*" else None
+    return start, total
+
+
+def _resume_hint(part: Path) -> str:
+    size = part.stat().st_size if part.exists() else 0
+    if size == 0:
+        return ""
+    return (
+        f"; the {size} bytes received so far are kept in {part}, run the same command "
+        "again to resume the download"
+    )
+
+
+def download(
+    url: str,
+    dest: str | Path,
+    sha256: str | None = None,
+    sha256_prefix: str | None = None,
+    progress: bool = True,
+    chunk_size: int = 1 << 20,
+    timeout: float = 60,
+) -> Path:
+    """Download `url` to `dest` via `dest.part`, resuming a partial `.part` with a Range
+    request, then check the length and the sha256 (or its prefix) and rename into place.
+
+    `timeout` (seconds) applies to connecting and to each read, not to the whole transfer.
+    Raises `ChecksumError` (the bad `.part` is deleted) or `DownloadError` (a partial `.part`
+    is kept for resuming).
+    """
+    dest = Path(dest)
+    if sha256 is not None:
+        sha256 = _normalize_hash(sha256, "sha256", allow_prefix=False)
+    if sha256_prefix is not None:
+        sha256_prefix = _normalize_hash(sha256_prefix, "sha256 prefix", allow_prefix=True)
+    if dest.is_dir():
+        raise IsADirectoryError(f"download destination {dest} is a directory, not a file name")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_suffix(dest.suffix + ".part")
+
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "vprkit", "Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and offset:
+            _, total = _parse_content_range(exc.headers.get("Content-Range"))
+            exc.close()
+            if total == offset:
+                # The previous run received everything but stopped before the rename.
+                return _finish(part, dest, sha256, sha256_prefix)
+            part.unlink()  # the .part does not fit the file on the server: start over
+            return download(url, dest, sha256, sha256_prefix, progress, chunk_size, timeout)
+        raise DownloadError(
+            f"download of {url} failed: HTTP {exc.code} {exc.reason}{_resume_hint(part)}"
+        ) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DownloadError(f"download of {url} failed: {reason}{_resume_hint(part)}") from None
+
+    with response:
+        status = response.getcode()
+        length = response.headers.get("Content-Length")
+        length = int(length) if length and length.isdigit() else None
+        if offset and status == 206:
+            start, total = _parse_content_range(response.headers.get("Content-Range"))
+            if start != offset:
+                # A range we did not ask for: appending it would corrupt the file.
+                response.close()
+                part.unlink()
+                return download(url, dest, sha256, sha256_prefix, progress, chunk_size, timeout)
+            if total is None and length is not None:
+                total = offset + length
+            mode = "ab"
+        else:
+            # 200 (the server ignores Range, or there was nothing to resume): start over.
+            offset, total, mode = 0, length, "wb"
+
+        digest = hashlib.sha256()
+        if offset:
+            with open(part, "rb") as f:
+                while chunk := f.read(chunk_size):
+                    digest.update(chunk)
+        with (
+            open(part, mode) as out,
+            tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=dest.name,
+                file=sys.stderr,
+                disable=not progress,
+            ) as bar,
+        ):
+            received = offset
+            while True:
+                try:
+                    chunk = response.read(chunk_size)
+                except (OSError, http.client.HTTPException) as exc:
+                    out.close()
+                    raise DownloadError(
+                        f"download of {url} was interrupted ({type(exc).__name__}: {exc})"
+                        f"{_resume_hint(part)}"
+                    ) from None
+                if not chunk:
+                    break
+                out.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+
+    if total is not None and received < total:
+        raise DownloadError(
+            f"download of {url} ended early: got {received} of {total} bytes{_resume_hint(part)}"
+        )
+    if total is not None and received > total:
+        part.unlink()
+        raise DownloadError(
+            f"download of {url} gave {received} bytes, more than the announced {total}; "
+            "the partial file was deleted, try again"
+        )
+    return _finish(part, dest, sha256, sha256_prefix, digest.hexdigest())
+
+
+def _finish(
+    part: Path,
+    dest: Path,
+    sha256: str | None,
+    sha256_prefix: str | None,
+    actual: str | None = None,
+) -> Path:
+    """Check a complete `.part` and rename it to `dest`."""
+    if sha256 or sha256_prefix:
+        actual = actual or sha256_file(part)
+        for expected in (sha256, sha256_prefix):
+            if expected and not actual.startswith(expected):
+                part.unlink()  # a bad file must not be resumed on the next try
+                raise ChecksumError(dest, expected, actual)
+    os.replace(part, dest)
+    return dest
+
+
+def fetch(name: str, dest_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """The path of official weights `name`, downloading them into the cache (or `dest_dir`)
+    if needed. A cached file whose checksum is known is verified before it is returned."""
+    entry = _entry(name)
+    path = Path(dest_dir) if dest_dir is not None else weights_dir()
+    path = path.expanduser() / entry.filename
+    if path.is_file():
+        expected = entry.checksum
+        if expected is None or sha256_file(path).startswith(expected):
+            return path
+        if entry.url is None:
+            raise ChecksumError(path, expected, sha256_file(path))
+        print(f"vprkit: {path} fails its checksum, downloading it again", file=sys.stderr)
+    if entry.url is None:
+        raise ManualDownloadRequired(
+            f"{entry.name!r} ({entry.filename}) cannot be downloaded automatically: "
+            f"{entry.manual}, and save it as {path}, or pass the file's path instead of "
+            f"the name {entry.name!r}"
+        )
+    return download(
+        entry.url, path, sha256=entry.sha256, sha256_prefix=entry.sha256_prefix, progress=progress
+    )
+
+
+def resolve_weights(name_or_path: str | Path) -> Path:
+    """An existing file path as is, or the cached (downloaded if needed) official weights of
+    that name. Anything else is a ValueError listing the known names."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    if isinstance(name_or_path, str) and name_or_path in OFFICIAL_WEIGHTS:
+        return fetch(name_or_path)
+    if path.is_dir():
+        raise ValueError(f"weights {str(name_or_path)!r} is a directory, not a weight file")
+    raise ValueError(
+        f"weights {str(name_or_path)!r} is neither an existing file nor a known name; "
+        f"known names: {', '.join(OFFICIAL_WEIGHTS)}"
+    )
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """The outcome of `verify`: status is "ok", "mismatch" or "no known checksum"."""
+
+    path: Path
+    status: str
+    actual: str
+    expected: str | None = None
+    source: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def message(self) -> str:
+        if self.status == "ok":
+            return f"ok: {self.path} matches the sha256 of {self.source} ({self.expected})"
+        if self.status == "mismatch":
+            return (
+                f"mismatch: {self.path} has sha256 {self.actual}, but {self.source} "
+                f"expects {self.expected}"
+            )
+        where = f" for {self.source}" if self.source else ""
+        return f"no known checksum{where}: {self.path} has sha256 {self.actual}"
+
+
+def verify(path: str | Path, name: str | None = None, sha256: str | None = None) -> VerifyResult:
+    """Check a file against `sha256` (full or a prefix of 8+ hex digits), or against the table
+    entry `name`, or against the entry with the same file name."""
+    path = Path(path).expanduser()
+    if name is not None and sha256 is not None:
+        raise ValueError("give either a weights name or a sha256 to verify against, not both")
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    if sha256 is not None:
+        expected, source = _normalize_hash(sha256, "sha256", allow_prefix=True), "the given hash"
+    else:
+        if name is not None:
+            entry: WeightsEntry | None = _entry(name)
+        else:
+            entry = next((e for e in OFFICIAL_WEIGHTS.values() if e.filename == path.name), None)
+        expected = entry.checksum if entry else None
+        source = f"official weights {entry.name!r}" if entry else None
+    actual = sha256_file(path)
+    if expected is None:
+        return VerifyResult(path, "no known checksum", actual, None, source)
+    status = "ok" if actual.startswith(expected) else "mismatch"
+    return VerifyResult(path, status, actual, expected, source)
+
+
+# ---------------------------------------------------------------------------------------
+# `vprkit weights ...`
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `list`, `download` and `verify` sub-commands to the `weights` verb."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")
+    sub.required = True
+    sub.add_parser(
+        "list",
+        help="list the official weight files and whether they are cached",
+        formatter_class=fmt,
+    )
+    p = sub.add_parser(
+        "download",
+        help="download official weights into the cache, resuming a partial download",
+        formatter_class=fmt,
+    )
+    p.add_argument("name", metavar="NAME", help="weights name, as shown by `vprkit weights list`")
+    p.add_argument(
+        "--dest",
+        metavar="DIR",
+        default=None,
+        help="directory to save into instead of the cache, $VPRKIT_HOME/weights "
+        "(~/.cache/vprkit/weights when VPRKIT_HOME is unset)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+    p = sub.add_parser(
+        "verify",
+        help="check a file's sha256 against the official one or a given hash",
+        formatter_class=fmt,
+    )
+    p.add_argument("file", metavar="FILE", help="the weight file to check")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--name",
+        default=None,
+        help="official weights name to check against; without it (and without --sha256) "
+        "the file name is looked up in the table",
+    )
+    group.add_argument(
+        "--sha256", metavar="HEX", default=None, help="expected sha256, or a prefix of it"
+    )
+
+
+def _human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _list_table() -> str:
+    folder = weights_dir()
+    rows = [("NAME", "FILE", "SIZE", "CACHED", "SHA256", "SOURCE")]
+    for e in OFFICIAL_WEIGHTS.values():
+        path = folder / e.filename
+        cached = path.is_file()
+        if e.sha256:
+            known = "known"
+        elif e.sha256_prefix:
+            known = f"prefix {e.sha256_prefix}"
+        else:
+            known = "not known"
+        size = _human_size(path.stat().st_size) if cached else "-"
+        rows.append((e.name, e.filename, size, "yes" if cached else "no", known, e.url or "manual"))
+    # Pad every column but the last (the long URLs).
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
+        for r in rows
+    ]
+    manual = sorted({e.manual for e in OFFICIAL_WEIGHTS.values() if e.manual})
+    lines += ["", f"cache: {folder}"]
+    lines += [f"manual: {note}, then save it in the cache" for note in manual]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `vprkit weights ACTION`; 0 on success, 1 on a failure (message on stderr)."""
+    try:
+        if args.action == "list":
+            print(_list_table())
+            return 0
+        if args.action == "download":
+            print(fetch(args.name, dest_dir=args.dest, progress=not args.no_progress))
+            return 0
+        if args.action == "verify":
+            result = verify(args.file, name=args.name, sha256=args.sha256)
+            if result.ok or result.status == "no known checksum":
+                print(result.message())
+                return 0
+            print(f"vprkit weights: {result.message()}", file=sys.stderr)
+            return 1
+    except (ValueError, OSError) as exc:
+        # Expected failures (bad name, checksum, network, missing file): one line, no trace.
+        print(f"vprkit weights: error: {exc}", file=sys.stderr)
+        return 1
+    raise AssertionError(f"unknown action {args.action!r}")
