@@ -24,11 +24,16 @@ DINOV2_SIZES = {
 class Backbone(VisionTransformer):
     """A VisionTransformer that knows how to take its official weight files."""
 
+    default_image_size = (224, 224)  # what `vprkit eval` resizes to unless told otherwise
+
     def adapt_state_dict(self, state: dict) -> dict:
         return adapt_official_vit_state_dict(self, state)
 
 
-def _dinov2(size: str, registers: int, **overrides) -> Backbone:
+def dinov2_config(size: str, registers: int = 0, **overrides) -> ViTConfig:
+    """The official DINOv2 configuration of `size` (vits14 ... vitg14), with overrides."""
+    if size not in DINOV2_SIZES:
+        raise ValueError(f"DINOv2 size must be one of {sorted(DINOV2_SIZES)}, got {size!r}")
     dim, depth, heads, ffn = DINOV2_SIZES[size]
     base = ViTConfig(
         patch_size=14,
@@ -40,14 +45,14 @@ def _dinov2(size: str, registers: int, **overrides) -> Backbone:
         layerscale_init=1.0,
         num_register_tokens=registers,
     )
-    return Backbone(vit_config(base, **overrides))
+    return vit_config(base, **overrides)
 
 
 def _register_dinov2(size: str, registers: int) -> None:
     name = f"dinov2_{size}" + ("_reg4" if registers else "")
 
     def build(**overrides) -> Backbone:
-        return _dinov2(size, registers, **overrides)
+        return Backbone(dinov2_config(size, registers, **overrides))
 
     build.__doc__ = f"DINOv2 {size} ({registers} register tokens), pos-embed stored at 518x518."
     register_model(build, name=name)

@@ -1,0 +1,144 @@
+"""`vprkit eval` end to end: on generated data with a known answer, on the real photos, and
+on bad input."""
+
+import csv
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vprkit.cli import main as cli_main
+from vprkit.data.images import ImageLoadError
+from vprkit.models.outputs import DescriptorOutput
+from vprkit.models.registry import register_model
+
+TINY = ["--model_option", "size=vits14", "--model_option", "depth=1", "--num_workers", "0"]
+
+
+class MeanColour(torch.nn.Module):
+    """A 'model' whose descriptor is the mean colour: places of distinct colours are found."""
+
+    default_image_size = (28, 28)
+
+    def forward(self, x):
+        return DescriptorOutput(torch.nn.functional.normalize(x.mean(dim=(2, 3)), dim=1))
+
+
+register_model(lambda: MeanColour(), name="_test_mean_colour")
+
+
+def _make_vg(root, colours, query_offsets):
+    """A VG-layout set: place i at east=1000*i, database and query of colour i; queries
+    shifted by `query_offsets[i]` metres east."""
+    for folder in ("database", "queries"):
+        (root / "images" / "test" / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, colour in enumerate(colours):
+        for folder, offset in (("database", 0.0), ("queries", query_offsets[i])):
+            pixels = np.clip(colour + rng.normal(0, 3, (32, 40, 3)), 0, 255).astype(np.uint8)
+            name = f"@{500000 + 1000 * i + offset:.2f}@{4000000:.2f}@@@@@@@@@@@@@@.jpg"
+            Image.fromarray(pixels).save(root / "images" / "test" / folder / name, quality=95)
+
+
+def _only_run_dir(save_dir):
+    runs = [p for p in save_dir.glob("*/*") if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_known_answer_and_every_output(tmp_path, capsys):
+    colours = np.random.default_rng(1).uniform(20, 235, (8, 3))
+    offsets = [0.0] * 7 + [60.0]  # the last query is 60 m from its place: no positive
+    _make_vg(tmp_path / "toyvg", colours, offsets)
+    args = ["eval", "--method", "_test_mean_colour", "--dataset_folder", str(tmp_path / "toyvg"),
+            "--save_dir", str(tmp_path / "runs"), "--num_workers", "0",
+            "--recall_values", "1", "5", "--num_preds_to_save", "2", "--infer_batch_size", "3"]
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    # 7 of 8 queries find their place first; the one without positives counts as a miss.
+    assert "R@1: 87.5, R@5: 87.5" in printed
+    run = _only_run_dir(tmp_path / "runs")
+    assert run.name.count(".") == 0  # renamed from <timestamp>.incomplete
+    summary = json.loads((run / "recalls.json").read_text())
+    assert summary["recalls"] == {"R@1": 87.5, "R@5": 87.5}
+    assert summary["queries_without_positives"] == 1
+    assert summary["num_database"] == 8 and summary["descriptor_dim"] == 3
+    rows = list(csv.DictReader(open(run / "predictions.csv")))
+    assert [r["correct_at_1"] for r in rows] == ["True"] * 7 + ["False"]
+    assert rows[0]["predictions"].split(";")[0] == rows[0]["query"].replace("queries", "database")
+    assert rows[7]["positives"] == "" and rows[7]["first_correct_rank"] == ""
+    pairs = (run / "pairs.txt").read_text().splitlines()
+    assert len(pairs) == 8 * 5 and pairs[0].split()[0] == rows[0]["query"]
+    descriptors = np.load(run / "queries_descriptors.npy")
+    with h5py.File(run / "queries_descriptors.h5") as f:
+        np.testing.assert_array_equal(f[rows[3]["query"]]["global_descriptor"][()], descriptors[3])
+    assert len(list((run / "preds").glob("*.jpg"))) == 8
+    config = json.loads((run / "config.json").read_text())
+    assert config["method"] == "_test_mean_colour"
+    assert "batches of 3" in (run / "log.txt").read_text()
+
+
+def test_memory_bounded_search_gives_the_same_ranking(tmp_path):
+    colours = np.random.default_rng(2).uniform(20, 235, (6, 3))
+    _make_vg(tmp_path / "toyvg", colours, [0.0] * 6)
+    base = ["eval", "--method", "_test_mean_colour", "--dataset_folder", str(tmp_path / "toyvg"),
+            "--num_workers", "0", "--recall_values", "1", "3"]
+    cli_main([*base, "--save_dir", str(tmp_path / "a")])
+    cli_main([*base, "--save_dir", str(tmp_path / "b"), "--memory_budget_mb", "0.1"])
+    a = (_only_run_dir(tmp_path / "a") / "pairs.txt").read_text()
+    b = (_only_run_dir(tmp_path / "b") / "pairs.txt").read_text()
+    assert a == b
+
+
+def test_real_photos_vprbench_layout(shared_data, tmp_path, capsys):
+    args = ["eval", "--method", "dinov2_gem", *TINY, "--image_size", "112", "112",
+            "--dataset_folder", str(shared_data / "corridor"), "--save_dir", str(tmp_path),
+            "--num_preds_to_save", "1", "--save_only_wrong_preds"]
+    assert cli_main(args) == 0
+    assert "R@1: " in capsys.readouterr().out
+    run = _only_run_dir(tmp_path)
+    summary = json.loads((run / "recalls.json").read_text())
+    assert summary["num_queries"] == 111 and summary["num_database"] == 111
+    assert set(summary["recalls"]) == {"R@1", "R@5", "R@10", "R@20", "R@100"}
+    assert summary["recalls"]["R@100"] == 100.0  # every database image is retrieved
+    wrong = sum(r["correct_at_1"] == "False" for r in csv.DictReader(open(run / "predictions.csv")))
+    assert len(list((run / "preds").glob("*.jpg"))) == wrong
+
+
+def test_real_photos_without_labels(shared_data, tmp_path, capsys):
+    toy = shared_data / "toy_unlabeled"
+    args = ["eval", "--method", "dinov2_cls", *TINY, "--image_size", "56", "56", "--no_labels",
+            "--database_folder", str(toy / "database"), "--queries_folder", str(toy / "queries"),
+            "--save_dir", str(tmp_path), "--num_preds_to_save", "2"]
+    assert cli_main(args) == 0
+    assert "no recall computed" in capsys.readouterr().out
+    run = _only_run_dir(tmp_path)
+    summary = json.loads((run / "recalls.json").read_text())
+    assert "recalls" not in summary and summary["num_queries"] == 5
+    assert len((run / "pairs.txt").read_text().splitlines()) == 5 * 17
+    assert len(list((run / "preds").glob("*.jpg"))) == 5
+
+
+def test_bad_dataset_leaves_no_run_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        cli_main(["eval", "--method", "dinov2_cls", "--dataset_folder", str(tmp_path / "nowhere"),
+                  "--save_dir", str(tmp_path / "runs")])
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(ValueError, match="unknown --method"):
+        cli_main(["eval", "--method", "nope", "--dataset_folder", str(tmp_path)])
+
+
+def test_failure_mid_run_is_marked_incomplete(tmp_path):
+    colours = np.random.default_rng(3).uniform(20, 235, (4, 3))
+    _make_vg(tmp_path / "toyvg", colours, [0.0] * 4)
+    broken = sorted((tmp_path / "toyvg" / "images" / "test" / "queries").iterdir())[2]
+    broken.write_bytes(broken.read_bytes()[:100])  # truncated JPEG
+    with pytest.raises(ImageLoadError, match=broken.name):
+        cli_main(["eval", "--method", "_test_mean_colour", "--num_workers", "0",
+                  "--dataset_folder", str(tmp_path / "toyvg"), "--save_dir", str(tmp_path / "r")])
+    (run,) = [p for p in (tmp_path / "r").glob("*/*")]
+    assert run.name.endswith(".incomplete")
+    assert not (run / "recalls.json").exists()
