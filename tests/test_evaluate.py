@@ -53,9 +53,24 @@ def test_known_answer_and_every_output(tmp_path, capsys):
     colours = np.random.default_rng(1).uniform(20, 235, (8, 3))
     offsets = [0.0] * 7 + [60.0]  # the last query is 60 m from its place: no positive
     _make_vg(tmp_path / "toyvg", colours, offsets)
-    args = ["eval", "--method", "_test_mean_colour", "--dataset_folder", str(tmp_path / "toyvg"),
-            "--save_dir", str(tmp_path / "runs"), "--num_workers", "0",
-            "--recall_values", "1", "5", "--num_preds_to_save", "2", "--infer_batch_size", "3"]
+    args = [
+        "eval",
+        "--method",
+        "_test_mean_colour",
+        "--dataset_folder",
+        str(tmp_path / "toyvg"),
+        "--save_dir",
+        str(tmp_path / "runs"),
+        "--num_workers",
+        "0",
+        "--recall_values",
+        "1",
+        "5",
+        "--num_preds_to_save",
+        "2",
+        "--infer_batch_size",
+        "3",
+    ]
     assert cli_main(args) == 0
     printed = capsys.readouterr().out
     # 7 of 8 queries find their place first; the one without positives counts as a miss.
@@ -84,8 +99,18 @@ def test_known_answer_and_every_output(tmp_path, capsys):
 def test_memory_bounded_search_gives_the_same_ranking(tmp_path):
     colours = np.random.default_rng(2).uniform(20, 235, (6, 3))
     _make_vg(tmp_path / "toyvg", colours, [0.0] * 6)
-    base = ["eval", "--method", "_test_mean_colour", "--dataset_folder", str(tmp_path / "toyvg"),
-            "--num_workers", "0", "--recall_values", "1", "3"]
+    base = [
+        "eval",
+        "--method",
+        "_test_mean_colour",
+        "--dataset_folder",
+        str(tmp_path / "toyvg"),
+        "--num_workers",
+        "0",
+        "--recall_values",
+        "1",
+        "3",
+    ]
     cli_main([*base, "--save_dir", str(tmp_path / "a")])
     cli_main([*base, "--save_dir", str(tmp_path / "b"), "--memory_budget_mb", "0.1"])
     a = (_only_run_dir(tmp_path / "a") / "pairs.txt").read_text()
@@ -94,9 +119,22 @@ def test_memory_bounded_search_gives_the_same_ranking(tmp_path):
 
 
 def test_real_photos_vprbench_layout(shared_data, tmp_path, capsys):
-    args = ["eval", "--method", "dinov2_gem", *TINY, "--image_size", "112", "112",
-            "--dataset_folder", str(shared_data / "corridor"), "--save_dir", str(tmp_path),
-            "--num_preds_to_save", "1", "--save_only_wrong_preds"]
+    args = [
+        "eval",
+        "--method",
+        "dinov2_gem",
+        *TINY,
+        "--image_size",
+        "112",
+        "112",
+        "--dataset_folder",
+        str(shared_data / "corridor"),
+        "--save_dir",
+        str(tmp_path),
+        "--num_preds_to_save",
+        "1",
+        "--save_only_wrong_preds",
+    ]
     assert cli_main(args) == 0
     assert "R@1: " in capsys.readouterr().out
     run = _only_run_dir(tmp_path)
@@ -110,9 +148,24 @@ def test_real_photos_vprbench_layout(shared_data, tmp_path, capsys):
 
 def test_real_photos_without_labels(shared_data, tmp_path, capsys):
     toy = shared_data / "toy_unlabeled"
-    args = ["eval", "--method", "dinov2_cls", *TINY, "--image_size", "56", "56", "--no_labels",
-            "--database_folder", str(toy / "database"), "--queries_folder", str(toy / "queries"),
-            "--save_dir", str(tmp_path), "--num_preds_to_save", "2"]
+    args = [
+        "eval",
+        "--method",
+        "dinov2_cls",
+        *TINY,
+        "--image_size",
+        "56",
+        "56",
+        "--no_labels",
+        "--database_folder",
+        str(toy / "database"),
+        "--queries_folder",
+        str(toy / "queries"),
+        "--save_dir",
+        str(tmp_path),
+        "--num_preds_to_save",
+        "2",
+    ]
     assert cli_main(args) == 0
     assert "no recall computed" in capsys.readouterr().out
     run = _only_run_dir(tmp_path)
@@ -124,8 +177,17 @@ def test_real_photos_without_labels(shared_data, tmp_path, capsys):
 
 def test_bad_dataset_leaves_no_run_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        cli_main(["eval", "--method", "dinov2_cls", "--dataset_folder", str(tmp_path / "nowhere"),
-                  "--save_dir", str(tmp_path / "runs")])
+        cli_main(
+            [
+                "eval",
+                "--method",
+                "dinov2_cls",
+                "--dataset_folder",
+                str(tmp_path / "nowhere"),
+                "--save_dir",
+                str(tmp_path / "runs"),
+            ]
+        )
     assert not (tmp_path / "runs").exists()
     with pytest.raises(ValueError, match="unknown --method"):
         cli_main(["eval", "--method", "nope", "--dataset_folder", str(tmp_path)])
@@ -137,8 +199,19 @@ def test_failure_mid_run_is_marked_incomplete(tmp_path):
     broken = sorted((tmp_path / "toyvg" / "images" / "test" / "queries").iterdir())[2]
     broken.write_bytes(broken.read_bytes()[:100])  # truncated JPEG
     with pytest.raises(ImageLoadError, match=broken.name):
-        cli_main(["eval", "--method", "_test_mean_colour", "--num_workers", "0",
-                  "--dataset_folder", str(tmp_path / "toyvg"), "--save_dir", str(tmp_path / "r")])
+        cli_main(
+            [
+                "eval",
+                "--method",
+                "_test_mean_colour",
+                "--num_workers",
+                "0",
+                "--dataset_folder",
+                str(tmp_path / "toyvg"),
+                "--save_dir",
+                str(tmp_path / "r"),
+            ]
+        )
     (run,) = [p for p in (tmp_path / "r").glob("*/*")]
     assert run.name.endswith(".incomplete")
     assert not (run / "recalls.json").exists()

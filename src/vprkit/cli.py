@@ -14,6 +14,8 @@ import sys
 VERBS: dict[str, tuple[str, str]] = {
     "models": ("vprkit.models.registry", "list the registered model names"),
     "weights": ("vprkit.hub", "list, download and verify official weight files"),
+    "eval": ("vprkit.evaluate", "evaluate a model on a benchmark: Recall@N, results, pictures"),
+    "train": ("vprkit.train.loop", "train a method (one loop; torchrun for several processes)"),
     "synth": ("vprkit.data.synthetic", "generate synthetic places (GSV-Cities and VG formats)"),
 }
 
