@@ -1,0 +1,572 @@
+"""The training loop every method shares (`vprkit train METHOD ...`).
+
+A recipe (`vprkit.train.recipes`) supplies the model, the trainable parameters, the data and
+the loss; the loop does the rest: optimizer and schedule, AMP, gradient accumulation and
+clipping, DDP under torchrun, validation through the evaluation pipeline, best-checkpoint
+selection with patience, and checkpoints that survive a crash (`last.pth` is written to a
+temporary file and renamed; `--resume` continues mid-epoch with the same result as an
+uninterrupted run on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from vprkit.extract import autocast_context
+from vprkit.train.distributed import World, barrier, broadcast_object, cleanup, init_world
+from vprkit.train.recipes import RECIPES, Recipe, apply_train_only, get_recipe
+from vprkit.weights import read_checkpoint, save_checkpoint
+
+log = logging.getLogger("vprkit.train")
+
+# Settings that must agree between a checkpoint and the run resuming it.
+RESUME_MUST_MATCH = (
+    "model",
+    "model_options",
+    "train_only",
+    "image_size",
+    "places_per_batch",
+    "images_per_place",
+    "seed",
+    "optimizer",
+    "scheduler",
+    "grad_accum",
+)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def _parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def read_config_file(path: Path) -> dict:
+    """A TOML or YAML file of settings (flat keys, as `vprkit train METHOD --help` lists)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(text)
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as err:
+            raise ValueError(f"{path}: reading YAML needs PyYAML (pip install pyyaml)") from err
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of settings")
+        return data
+    raise ValueError(f"{path}: config files are .toml, .yaml or .yml")
+
+
+def resolve_config(recipe: Recipe, file_settings: dict, cli_settings: dict) -> dict:
+    """The recipe's defaults, then the config file, then the command line."""
+    cfg = recipe.config_defaults()
+    for source, settings in (("config file", file_settings), ("command line", cli_settings)):
+        unknown = sorted(set(settings) - set(cfg))
+        if unknown:
+            raise ValueError(
+                f"unknown setting(s) {unknown} in the {source}; known: {', '.join(sorted(cfg))}"
+            )
+        cfg.update(settings)
+    if cfg["grad_accum"] < 1:
+        raise ValueError(f"grad_accum must be at least 1, got {cfg['grad_accum']}")
+    if cfg["save_best"] and not cfg["save_best"].startswith("R@"):
+        raise ValueError(f"save_best must look like R@5, got {cfg['save_best']!r}")
+    return cfg
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def make_optimizer(cfg: dict, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    name = cfg["optimizer"]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    if name == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"]
+        )
+    raise ValueError(f"optimizer must be adam, adamw or sgd, got {name!r}")
+
+
+def make_scheduler(cfg: dict, optimizer, steps_per_epoch: int):
+    """Stepped once per optimizer step (CricaVPR steps its StepLR per iteration)."""
+    name = cfg["scheduler"]
+    if name == "none":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(
+            optimizer,
+            step_size=max(1, cfg["step_size_epochs"] * steps_per_epoch),
+            gamma=cfg["gamma"],
+        )
+    if name == "cosine":
+        total = max(1, cfg["epochs"] * steps_per_epoch)
+        warmup = cfg["warmup_epochs"] * steps_per_epoch
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    raise ValueError(f"scheduler must be none, step or cosine, got {name!r}")
+
+
+def rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricsLog:
+    """Per-step figures to a CSV file (and TensorBoard event files when installed)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "train_log.csv"
+        self.fields: list[str] | None = None
+        if self.path.exists():
+            with open(self.path) as f:
+                self.fields = next(csv.reader(f), None)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            self.tensorboard = None
+            log.info("TensorBoard event files off: pip install tensorboard to write them")
+
+    def write(self, step: int, values: dict) -> None:
+        row = {"step": step, **values}
+        new_file = self.fields is None
+        if new_file:
+            self.fields = list(row)
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                if isinstance(value, int | float):
+                    self.tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    def __init__(
+        self, recipe: Recipe, cfg: dict, run_dir: Path, world: World, resume: dict | None = None
+    ) -> None:
+        self.recipe, self.cfg, self.run_dir, self.world = recipe, cfg, run_dir, world
+        torch.manual_seed(cfg["seed"])
+        np.random.seed(cfg["seed"])
+        random.seed(cfg["seed"])
+        self.model = recipe.build_model(cfg).to(cfg["device"])
+        trainable, total = apply_train_only(self.model, cfg["train_only"])
+        log.info(
+            "model %s: %s trainable of %s parameters", cfg["model"], f"{trainable:,}", f"{total:,}"
+        )
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters: check train_only")
+        self.dataset, self.sampler, collate, description = recipe.build_data(cfg, world)
+        log.info("training data: %s", description)
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=cfg["num_workers"],
+            # Its own generator: creating an iterator (e.g. when resuming mid-epoch) must not
+            # draw from the global RNG that dropout uses.
+            generator=torch.Generator().manual_seed(cfg["seed"]),
+        )
+        self.steps_per_epoch = math.ceil(self.sampler.num_batches / cfg["grad_accum"])
+        self.optimizer = make_optimizer(cfg, params)
+        self.scheduler = make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
+        self.loss_fn = recipe.make_loss(cfg)
+        self.train_model: nn.Module = self.model
+        if world.distributed:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, find_unused_parameters=True
+            )
+        self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        self.best, self.not_improved, self.history = None, 0, []
+        if resume is not None:
+            self._restore(resume)
+        self.validation = self._validation_set() if world.is_main else None
+        self.metrics = MetricsLog(run_dir) if world.is_main else None
+
+    # ---- checkpoints
+
+    def _checkpoint(self, name: str) -> None:
+        if not self.world.is_main:
+            return
+        save_checkpoint(
+            self.model,
+            self.run_dir / name,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            epoch=self.epoch,
+            batch_in_epoch=self.batch_in_epoch,
+            step=self.step,
+            best=self.best,
+            not_improved=self.not_improved,
+            history=self.history,
+            rng=rng_state(),
+            config=self.cfg,
+            method=self.recipe.name,
+        )
+
+    def _restore(self, checkpoint: dict) -> None:
+        self.model.load_state_dict(checkpoint["state_dict"], strict=True)
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.epoch, self.batch_in_epoch = checkpoint["epoch"], checkpoint["batch_in_epoch"]
+        self.step, self.best = checkpoint["step"], checkpoint["best"]
+        self.not_improved, self.history = checkpoint["not_improved"], checkpoint["history"]
+        set_rng_state(checkpoint["rng"])
+        log.info(
+            "resumed at epoch %d, batch %d (step %d)", self.epoch, self.batch_in_epoch, self.step
+        )
+
+    # ---- validation
+
+    def _validation_set(self):
+        folder = self.cfg["val_dataset_folder"]
+        if not folder:
+            return None
+        from vprkit.data.datasets import load_dataset
+        from vprkit.data.images import Preprocess
+        from vprkit.evaluate import dataset_positives
+
+        dataset = load_dataset(folder, split=self.cfg["val_split"])
+        positives = dataset_positives(dataset, self.cfg["positive_dist_threshold"])
+        if positives is None:
+            raise ValueError(f"validation set {folder} has no labels")
+        size = self.cfg["val_image_size"] or self.cfg["image_size"]
+        return dataset, positives, Preprocess(image_size=tuple(size))
+
+    def validate(self) -> dict[int, float] | None:
+        if self.validation is None:
+            return None
+        from vprkit.evaluate import validation_recalls
+        from vprkit.retrieval.metrics import format_recalls
+
+        dataset, positives, preprocess = self.validation
+        recalls = validation_recalls(
+            self.model,
+            dataset,
+            positives,
+            preprocess,
+            self.cfg["recall_values"],
+            batch_size=self.cfg["infer_batch_size"],
+            num_workers=self.cfg["num_workers"],
+            device=self.cfg["device"],
+            precision=self.cfg["precision"],
+        )
+        self.model.train()
+        when = "before training" if self.step == 0 else f"epoch {self.epoch}"
+        log.info("%s validation: %s", when, format_recalls(recalls))
+        return recalls
+
+    # ---- training
+
+    def _stop_requested(self) -> bool:
+        return self.cfg["max_steps"] is not None and self.step >= self.cfg["max_steps"]
+
+    def train(self) -> dict:
+        cfg, world = self.cfg, self.world
+        accum = cfg["grad_accum"]
+        crash_at = os.environ.get("VPRKIT_TEST_KILL_AT_STEP")  # kill -9 tests only
+        if cfg["validate_at_start"] and self.step == 0 and world.is_main:
+            recalls = self.validate()
+            if recalls is not None:
+                self.history.append({"epoch": -1, **{f"R@{n}": v for n, v in recalls.items()}})
+        barrier(world)
+        self.model.train()
+        while self.epoch < cfg["epochs"] and not self._stop_requested():
+            self.sampler.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
+            self.dataset.set_epoch(self.epoch)
+            bar = tqdm(
+                total=self.sampler.num_batches,
+                initial=self.batch_in_epoch,
+                desc=f"epoch {self.epoch}",
+                unit="batch",
+                disable=not world.is_main,
+                leave=False,
+            )
+            tick, images = time.perf_counter(), 0
+            for batch in self.loader:
+                with autocast_context(cfg["device"], cfg["precision"]):
+                    loss, figures = self.recipe.loss(
+                        self.train_model, batch, cfg, world, self.loss_fn
+                    )
+                (loss / accum).backward()
+                images += len(batch[0]) * world.size
+                self.batch_in_epoch += 1
+                bar.update(1)
+                last_of_epoch = self.batch_in_epoch == self.sampler.num_batches
+                if self.batch_in_epoch % accum and not last_of_epoch:
+                    continue
+                if cfg["clip_grad_norm"]:
+                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg["clip_grad_norm"])
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                self.step += 1
+                elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+                loss_value = loss.detach().item()
+                values = {
+                    "epoch": self.epoch,
+                    "loss": loss_value,
+                    "lr": lr,
+                    "images_per_s": images / max(elapsed, 1e-9),
+                    **figures,
+                }
+                images = 0
+                if self.metrics is not None:
+                    self.metrics.write(self.step, values)
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+                if crash_at is not None and self.step == int(crash_at):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if self.step % cfg["checkpoint_every"] == 0 and not last_of_epoch:
+                    self._checkpoint("last.pth")
+                if self._stop_requested():
+                    break
+            bar.close()
+            if self.batch_in_epoch < self.sampler.num_batches:
+                self._checkpoint("last.pth")  # stopped by max_steps mid-epoch
+                break
+            if self._end_of_epoch():
+                break
+        barrier(world)
+        if self.metrics is not None:
+            self.metrics.close()
+        return {"step": self.step, "epoch": self.epoch, "best": self.best, "history": self.history}
+
+    def _end_of_epoch(self) -> bool:
+        """Validate, keep the best, checkpoint; True when early stopping ends training."""
+        recalls = self.validate() if self.world.is_main else None
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        stop = False
+        if self.world.is_main and recalls is not None:
+            self.history.append(
+                {"epoch": self.epoch - 1, **{f"R@{n}": v for n, v in recalls.items()}}
+            )
+            if self.metrics is not None:
+                self.metrics.write(self.step, {f"val/R@{n}": v for n, v in recalls.items()})
+            key = int(self.cfg["save_best"][2:])
+            if key not in recalls:
+                raise ValueError(f"save_best {self.cfg['save_best']} is not among recall_values")
+            if self.best is None or recalls[key] > self.best:
+                self.best, self.not_improved = recalls[key], 0
+                self._checkpoint("best.pth")
+            else:
+                self.not_improved += 1
+                stop = self.not_improved >= self.cfg["patience"]
+                if stop:
+                    log.info(
+                        "no improvement of %s for %d epochs: stopping",
+                        self.cfg["save_best"],
+                        self.not_improved,
+                    )
+        self._checkpoint("last.pth")
+        return bool(broadcast_object(self.world, stop))
+
+
+# --------------------------------------------------------------------------- command line
+
+# Flags with their own spelling; any other setting goes through --set KEY=VALUE.
+FLAGS = {
+    "gsv_root": Path,
+    "val_dataset_folder": Path,
+    "model": str,
+    "init_weights": str,
+    "epochs": int,
+    "max_steps": int,
+    "lr": float,
+    "places_per_batch": int,
+    "images_per_place": int,
+    "num_workers": int,
+    "device": str,
+    "precision": str,
+    "seed": int,
+    "save_dir": Path,
+    "run_name": str,
+    "checkpoint_every": int,
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("method", choices=sorted(RECIPES), help="training recipe")
+    parser.add_argument("--config", type=Path, help="TOML or YAML file of settings")
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any setting, e.g. --set lr=1e-5",
+    )
+    parser.add_argument("--resume", type=Path, help="a last.pth to continue from")
+    for name, kind in FLAGS.items():
+        parser.add_argument(f"--{name}", type=kind, default=None)
+    parser.add_argument("--image_size", type=int, nargs=2, metavar=("H", "W"))
+    parser.add_argument(
+        "--model_option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model constructor override, e.g. depth=2",
+    )
+
+
+def _cli_settings(args: argparse.Namespace) -> dict:
+    settings = {}
+    for item in args.settings:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        settings[key] = _parse_value(value)
+    for name in [*FLAGS, "image_size"]:
+        value = getattr(args, name)
+        if value is not None:
+            settings[name] = str(value) if isinstance(value, Path) else value
+    if args.model_option:
+        settings["model_options"] = {
+            k: _parse_value(v) for k, v in (o.split("=", 1) for o in args.model_option)
+        }
+    return settings
+
+
+def _check_resume(checkpoint: dict, cfg: dict, method: str, path: Path) -> None:
+    if checkpoint.get("method") != method:
+        raise ValueError(f"{path} is a {checkpoint.get('method')!r} run, not {method!r}")
+    saved = checkpoint["config"]
+    differ = [k for k in RESUME_MUST_MATCH if saved.get(k) != cfg.get(k)]
+    if differ:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} vs {cfg.get(k)!r}" for k in differ)
+        raise ValueError(f"{path} was trained with other settings ({shown})")
+
+
+def _setup_logging(run_dir: Path | None, world: World) -> None:
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO if world.is_main else logging.WARNING)
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(stream)
+    if run_dir is not None and world.is_main:
+        handler = logging.FileHandler(run_dir / "log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        log.addHandler(handler)
+
+
+def _new_run_dir(parent: Path) -> Path:
+    """`parent/<timestamp>`, with a suffix when two runs start in the same second."""
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    for suffix in ["", *(f"_{i}" for i in range(1, 100))]:
+        candidate = parent / (stamp + suffix)
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not make a new run folder in {parent}")
+
+
+def train(
+    method: str, settings: dict, config_file: Path | None = None, resume: Path | None = None
+) -> tuple[Path, dict]:
+    """Train `method`; returns the run folder and a summary. The programmatic entry point."""
+    recipe = get_recipe(method)
+    cfg = resolve_config(recipe, read_config_file(config_file) if config_file else {}, settings)
+    world = init_world(cfg["device"])
+    try:
+        checkpoint = None
+        if resume is not None:
+            checkpoint = read_checkpoint(resume)
+            _check_resume(checkpoint, cfg, method, resume)
+            run_dir = resume.parent
+        else:
+            run_dir = None
+            if world.is_main:
+                run_dir = _new_run_dir(
+                    Path(cfg["save_dir"]) / (cfg["run_name"] or f"train_{method}")
+                )
+                (run_dir / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+            run_dir = Path(broadcast_object(world, str(run_dir)))
+        _setup_logging(run_dir, world)
+        log.info(
+            "vprkit train %s: run folder %s (%d process%s)",
+            method,
+            run_dir,
+            world.size,
+            "es" if world.size > 1 else "",
+        )
+        trainer = Trainer(recipe, cfg, run_dir, world, resume=checkpoint)
+        summary = trainer.train()
+        if world.is_main:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            log.info(
+                "done: %d steps; best %s: %s; checkpoints in %s",
+                summary["step"],
+                cfg["save_best"],
+                summary["best"],
+                run_dir,
+            )
+        return run_dir, summary
+    finally:
+        cleanup(world)
+
+
+def run(args: argparse.Namespace) -> int:
+    train(args.method, _cli_settings(args), args.config, args.resume)
+    return 0
