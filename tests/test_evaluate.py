@@ -215,3 +215,45 @@ def test_failure_mid_run_is_marked_incomplete(tmp_path):
     (run,) = [p for p in (tmp_path / "r").glob("*/*")]
     assert run.name.endswith(".incomplete")
     assert not (run / "recalls.json").exists()
+
+
+def test_pca_is_fitted_saved_and_searched_unnormalized(tmp_path):
+    import faiss
+
+    from vprkit.retrieval.search import load_pca
+
+    colours = np.random.default_rng(4).uniform(20, 235, (6, 3))
+    _make_vg(tmp_path / "toyvg", colours, [0.0] * 6)
+    database = tmp_path / "toyvg" / "images" / "test" / "database"
+    args = [
+        "eval",
+        "--method",
+        "_test_mean_colour",
+        "--dataset_folder",
+        str(tmp_path / "toyvg"),
+        "--num_workers",
+        "0",
+        "--recall_values",
+        "1",
+        "3",
+        "--save_dir",
+        str(tmp_path / "r"),
+        "--pca_dim",
+        "2",
+        "--pca_dataset_folder",
+        str(database),
+    ]
+    assert cli_main(args) == 0
+    run = _only_run_dir(tmp_path / "r")
+    pca = load_pca(run / "pca.npz")
+    assert pca.output_dim == 2
+    db = pca.transform(np.load(run / "database_descriptors.npy"))
+    q = pca.transform(np.load(run / "queries_descriptors.npy"))
+    index = faiss.IndexFlatL2(2)
+    index.add(db.astype(np.float32))
+    _, expected = index.search(q.astype(np.float32), 3)
+    rows = list(csv.DictReader(open(run / "predictions.csv")))
+    db_names = sorted(p.name for p in database.iterdir())
+    for row, exp in zip(rows, expected, strict=True):
+        got = [name.split("/")[-1] for name in row["predictions"].split(";")]
+        assert got == [db_names[j] for j in exp]

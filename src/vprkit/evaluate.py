@@ -35,7 +35,7 @@ from vprkit.retrieval.metrics import (
     recall_at_100_precision,
     recall_at_n,
 )
-from vprkit.retrieval.search import fit_pca, search
+from vprkit.retrieval.search import fit_pca, search, unnormalized_search
 from vprkit.visualize import save_prediction_picture
 
 log = logging.getLogger("vprkit.eval")
@@ -192,6 +192,10 @@ def evaluate(args: argparse.Namespace) -> EvalResult:
         raise ValueError("--no_labels and --ground_truth contradict each other")
     if (args.pca_dim is None) != (args.pca_dataset_folder is None):
         raise ValueError("--pca_dim and --pca_dataset_folder go together")
+    if args.pca_dim is not None and args.memory_budget_mb is not None:
+        raise ValueError(
+            "--memory_budget_mb cannot be used with --pca_dim (as in the official code)"
+        )
     if args.method not in list_models():
         raise ValueError(f"unknown --method {args.method!r}; known: {', '.join(list_models())}")
     dataset = read_dataset(args)  # before the run folder: a bad dataset leaves nothing behind
@@ -314,7 +318,11 @@ def _evaluate_in(
     k = min(max(args.recall_values), len(db_desc))
     budget = None if args.memory_budget_mb is None else int(args.memory_budget_mb * 2**20)
     start = time.perf_counter()
-    distances, predictions = search(db_desc, q_desc, k, memory_budget_bytes=budget)
+    if args.pca_dim is not None:
+        # As the official code: PCA outputs are searched as they are, not re-normalized.
+        distances, predictions = unnormalized_search(db_desc, q_desc, k)
+    else:
+        distances, predictions = search(db_desc, q_desc, k, memory_budget_bytes=budget)
     search_s = time.perf_counter() - start
     log.info(
         "searched the top %d in %.3f s (%.3f ms per query)",

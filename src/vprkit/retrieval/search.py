@@ -35,6 +35,7 @@ __all__ = [
     "l2_normalize",
     "load_pca",
     "search",
+    "unnormalized_search",
 ]
 
 _UNIT_ROUNDOFF = 2.0**-24  # float32
@@ -466,6 +467,19 @@ def search(
     if memory_budget_bytes is None:
         return exact_search(database, queries, k)
     return chunked_search(database, queries, k, memory_budget_bytes)
+
+
+def unnormalized_search(
+    database: np.ndarray, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Plain ``faiss.IndexFlatL2`` search of descriptors as they are, without normalizing:
+    what the official code does with PCA-reduced descriptors (VG benchmark / CricaVPR
+    ``test()``). FAISS's own order for ties."""
+    k = _check_inputs(database, queries, k)
+    index = faiss.IndexFlatL2(database.shape[1])
+    index.add(np.ascontiguousarray(database, dtype=np.float32))
+    distances, indices = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return distances, indices.astype(np.int64)
 
 
 # --------------------------------------------------------------------------- PCA

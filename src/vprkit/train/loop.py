@@ -229,6 +229,8 @@ class Trainer:
         self.optimizer = make_optimizer(cfg, params)
         self.scheduler = make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         self.loss_fn = recipe.make_loss(cfg)
+        # fp16 needs loss scaling against underflow; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(enabled=cfg["precision"] == "fp16")
         self.train_model: nn.Module = self.model
         if world.distributed:
             self.train_model = nn.parallel.DistributedDataParallel(
@@ -251,6 +253,7 @@ class Trainer:
             self.run_dir / name,
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
             epoch=self.epoch,
             batch_in_epoch=self.batch_in_epoch,
             step=self.step,
@@ -266,6 +269,7 @@ class Trainer:
         self.model.load_state_dict(checkpoint["state_dict"], strict=True)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
         self.epoch, self.batch_in_epoch = checkpoint["epoch"], checkpoint["batch_in_epoch"]
         self.step, self.best = checkpoint["step"], checkpoint["best"]
         self.not_improved, self.history = checkpoint["not_improved"], checkpoint["history"]
@@ -346,7 +350,7 @@ class Trainer:
                     loss, figures = self.recipe.loss(
                         self.train_model, batch, cfg, world, self.loss_fn
                     )
-                (loss / accum).backward()
+                self.scaler.scale(loss / accum).backward()
                 images += len(batch[0]) * world.size
                 self.batch_in_epoch += 1
                 bar.update(1)
@@ -354,9 +358,11 @@ class Trainer:
                 if self.batch_in_epoch % accum and not last_of_epoch:
                     continue
                 if cfg["clip_grad_norm"]:
+                    self.scaler.unscale_(self.optimizer)
                     nn.utils.clip_grad_norm_(self.model.parameters(), cfg["clip_grad_norm"])
                 lr = self.optimizer.param_groups[0]["lr"]
-                self.optimizer.step()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
                 self.step += 1
