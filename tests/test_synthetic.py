@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from vprkit.data import synthetic as S
+from vprkit.data.gsv_cities import GSV_COLUMNS
 
 TINY = dict(
     image_size=(48, 64),
@@ -167,16 +168,7 @@ def test_gsv_csv_and_files_agree(tiny: Path) -> None:
     gsv = tiny / "gsv"
     with open(gsv / "Dataframes" / "Synthville.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == [
-        "place_id",
-        "year",
-        "month",
-        "northdeg",
-        "city_id",
-        "lat",
-        "lon",
-        "panoid",
-    ]
+    assert tuple(rows[0]) == GSV_COLUMNS
     names = set()
     for r in rows:
         # As GSVCitiesDataset.get_img_name rebuilds it from a pandas row.

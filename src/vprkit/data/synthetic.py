@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
+from vprkit.data.gsv_cities import GSV_COLUMNS, gsv_image_name
+
 FORMAT_VERSION = 1
 
 # Metric frame: the world lives around this UTM-style offset; lat/lon come from a local
@@ -1599,23 +1601,6 @@ def _pose_for(
     return Pose(float(east), float(north), round(height, 3), round(yaw, 3), round(pitch, 3)), along
 
 
-def gsv_image_name(
-    city: str,
-    place_id: int,
-    year: int,
-    month: int,
-    northdeg: int,
-    lat: float,
-    lon: float,
-    panoid: str,
-) -> str:
-    """File name exactly as GSVCitiesDataset.get_img_name builds it from a CSV row."""
-    return (
-        f"{city}_{place_id % 10**5:07d}_{year:04d}_{month:02d}_{northdeg:03d}_"
-        f"{lat}_{lon}_{panoid}.jpg"
-    )
-
-
 def vg_image_name(
     east: float, north: float, heading: float, pitch: float, panoid: str, note: str = ""
 ) -> str:
@@ -1715,7 +1700,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _write_gsv_csv(root: Path, cfg: SynthConfig, records: list[dict[str, Any]]) -> None:
-    lines = ["place_id,year,month,northdeg,city_id,lat,lon,panoid"]
+    lines = [",".join(GSV_COLUMNS)]
     for r in records:
         if r["kind"] == "gsv":
             lines.append(
