@@ -12,6 +12,7 @@ import sys
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
+    "demo": ("vprkit.demo", "the main job: synthetic city, train from scratch, evaluate"),
     "models": ("vprkit.models.registry", "list the registered model names"),
     "weights": ("vprkit.hub", "list, download and verify official weight files"),
     "eval": ("vprkit.evaluate", "evaluate a model on a benchmark: Recall@N, results, pictures"),
