@@ -79,7 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run = parser.add_argument_group("run")
     run.add_argument("--image_size", "--image-size", type=int, nargs="+", metavar="N")
-    run.add_argument("--infer_batch_size", "--infer-batch-size", type=int, default=16)
+    run.add_argument(
+        "--infer_batch_size",
+        "--infer-batch-size",
+        type=int,
+        help="default: the method's official value (CricaVPR: 16, 8 for pitts*), else 16",
+    )
     run.add_argument("--num_workers", "--num-workers", type=int, default=2)
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
@@ -186,7 +191,7 @@ def _peak_memory_mib() -> float:
 
 
 def evaluate(args: argparse.Namespace) -> EvalResult:
-    if args.infer_batch_size < 1:
+    if args.infer_batch_size is not None and args.infer_batch_size < 1:
         raise ValueError(f"--infer_batch_size must be at least 1, got {args.infer_batch_size}")
     if args.no_labels and args.ground_truth:
         raise ValueError("--no_labels and --ground_truth contradict each other")
@@ -244,18 +249,21 @@ def validation_recalls(
 def _evaluate_in(
     run_dir: Path, args: argparse.Namespace, dataset: PlaceDataset, positives
 ) -> EvalResult:
-    config = {
-        k: (str(v) if isinstance(v, Path) else v)
-        for k, v in vars(args).items()
-        if not k.startswith("_")
-    }
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
     log.info("vprkit eval: %s", " ".join(sys.argv[1:]) or "(API call)")
     log.info("dataset: %r", dataset)
-
     options = dict(args.model_option)
     model = create_model(args.method, weights=args.weights, **options)
     preprocess = make_preprocess(model, args.image_size)
+    if args.infer_batch_size is None:
+        official = getattr(model, "official_infer_batch_size", None)
+        args.infer_batch_size = official(dataset.name) if official else 16
+    config = {
+        k: str(v) if isinstance(v, Path) else v
+        for k, v in vars(args).items()
+        if not k.startswith("_")
+    }
+    config["image_size"] = preprocess.image_size
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
     protocol = getattr(model, "describe_eval_protocol", None)
     log.info("model: %s %s, weights: %s", args.method, options or "", args.weights or "random init")
     log.info("preprocessing: %r", preprocess)
