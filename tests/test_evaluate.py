@@ -257,3 +257,93 @@ def test_pca_is_fitted_saved_and_searched_unnormalized(tmp_path):
     for row, exp in zip(rows, expected, strict=True):
         got = [name.split("/")[-1] for name in row["predictions"].split(";")]
         assert got == [db_names[j] for j in exp]
+
+
+class BlindGlobalSharpLocal(torch.nn.Module):
+    """The same global descriptor for every image (the global ranking is blind), and a
+    4x4 map of colours as local features: only re-ranking can find the place."""
+
+    default_image_size = (32, 32)
+
+    def forward(self, x):
+        local = torch.nn.functional.adaptive_avg_pool2d(x, 4)
+        local = torch.nn.functional.normalize(local + 3.0, dim=1)
+        blind = torch.ones(len(x), 4) / 2
+        return DescriptorOutput(global_desc=blind, local_desc=local)
+
+
+register_model(lambda: BlindGlobalSharpLocal(), name="_test_blind_global")
+
+
+def _make_vg_patterns(root, num_places, seed=0):
+    """Place i: a random 4x4 pattern of colour blocks, seen by its database image and by
+    a slightly noisy query; places 1 km apart."""
+    rng = np.random.default_rng(seed)
+    for folder in ("database", "queries"):
+        (root / "images" / "test" / folder).mkdir(parents=True)
+    for i in range(num_places):
+        blocks = rng.uniform(0, 255, (4, 4, 3))
+        pattern = np.kron(blocks, np.ones((8, 8, 1)))
+        for folder, noise in (("database", 0.0), ("queries", 4.0)):
+            pixels = np.clip(pattern + rng.normal(0, noise + 1e-9, pattern.shape), 0, 255)
+            name = f"@{500000 + 1000 * i:.2f}@{4000000:.2f}@@@@@@@@@@@@@@.png"
+            Image.fromarray(pixels.astype(np.uint8)).save(root / "images" / "test" / folder / name)
+
+
+@pytest.mark.parametrize("reranker", ["mnn", "ransac_homography"])
+def test_reranking_finds_what_the_global_stage_cannot(tmp_path, capsys, reranker):
+    _make_vg_patterns(tmp_path / "toyvg", num_places=6)
+    cache = tmp_path / "local_cache"
+    args = [
+        "eval",
+        "--method",
+        "_test_blind_global",
+        "--dataset_folder",
+        str(tmp_path / "toyvg"),
+        "--num_workers",
+        "0",
+        "--recall_values",
+        "1",
+        "3",
+        "--save_dir",
+        str(tmp_path / "r"),
+        "--rerank_num",
+        "6",
+        "--reranker",
+        reranker,
+        "--local_features_cache",
+        str(cache),
+    ]
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    run = _only_run_dir(tmp_path / "r")
+    summary = json.loads((run / "recalls.json").read_text())
+    assert summary["recalls_global"]["R@1"] < 50  # blind: ties broken by database order
+    assert summary["recalls"] == {"R@1": 100.0, "R@3": 100.0}
+    assert summary["reranker"] == {"method": reranker, "rerank_num": 6}
+    assert "global retrieval: R@1:" in printed and f"re-ranked ({reranker}, top 6)" in printed
+    assert sorted(p.name for p in cache.iterdir()) == [
+        "database_local_features.npy",
+        "queries_local_features.npy",
+    ]
+    rows = list(csv.DictReader(open(run / "predictions.csv")))
+    assert all(r["correct_at_1"] == "True" for r in rows)
+
+
+def test_reranking_needs_a_reranker_and_local_features(tmp_path):
+    _make_vg_patterns(tmp_path / "toyvg", num_places=3)
+    base = [
+        "eval",
+        "--dataset_folder",
+        str(tmp_path / "toyvg"),
+        "--num_workers",
+        "0",
+        "--save_dir",
+        str(tmp_path / "r"),
+        "--rerank_num",
+        "3",
+    ]
+    with pytest.raises(ValueError, match="has no re-ranker of its own"):
+        cli_main([*base, "--method", "_test_blind_global"])
+    with pytest.raises(ValueError, match="gives no local features"):
+        cli_main([*base, "--method", "_test_mean_colour", "--reranker", "mnn"])

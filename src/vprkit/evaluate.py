@@ -16,6 +16,7 @@ import logging
 import os
 import resource
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,9 +26,11 @@ import numpy as np
 import torch
 
 from vprkit.data.datasets import PlaceDataset, load_dataset, read_folders, read_images_paths
-from vprkit.data.images import Preprocess
+from vprkit.data.images import Preprocess, load_image
 from vprkit.extract import PRECISIONS, extract_global_descriptors, save_descriptors
 from vprkit.models.registry import create_model, list_models
+from vprkit.rerank.mnn import LocalFeatureCache
+from vprkit.rerank.pipeline import RERANKERS, apply_order, make_scorer, rerank_order
 from vprkit.retrieval.ground_truth import positives_within_radius, queries_without_positives
 from vprkit.retrieval.metrics import (
     auc_pr,
@@ -99,6 +102,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="bound the search's working memory (same ranking, slower)",
     )
+    rerank = parser.add_argument_group("re-ranking (models with local features)")
+    rerank.add_argument(
+        "--rerank_num",
+        "--rerank-num",
+        type=int,
+        help="re-rank this many global candidates; default: the method's (100), 0 = off",
+    )
+    rerank.add_argument("--reranker", choices=RERANKERS, help="default: the method's own")
+    rerank.add_argument(
+        "--local_features_cache",
+        "--local-features-cache",
+        type=Path,
+        help="keep local features on disk here (memory-mapped) instead of a temporary folder",
+    )
+    rerank.add_argument(
+        "--local_features_fp16",
+        "--local-features-fp16",
+        action="store_true",
+        help="store local features in fp16 (half the disk; counts may differ slightly)",
+    )
+    rerank.add_argument("--rerank_memory_mb", "--rerank-memory-mb", type=float)
+    rerank.add_argument(
+        "--rerank_precision", "--rerank-precision", choices=sorted(PRECISIONS), default="fp32"
+    )
     out = parser.add_argument_group("outputs")
     out.add_argument("--save_dir", "--save-dir", type=Path, default=Path("runs"))
     out.add_argument("--run_name", "--run-name", help="default: <method>_<dataset>")
@@ -116,6 +143,49 @@ class EvalResult:
 
 
 # --------------------------------------------------------------------------- pipeline
+
+
+class LocalStores:
+    """Where both sides' local features go for re-ranking: memory-mapped .npy caches in
+    `--local_features_cache` (kept) or in a temporary folder (removed at the end)."""
+
+    def __init__(self, args: argparse.Namespace, run_dir: Path) -> None:
+        self._tmp = None
+        if args.local_features_cache is not None:
+            self.folder = Path(args.local_features_cache)
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix="vprkit_local_")
+            self.folder = Path(self._tmp.name)
+        self.dtype = "float16" if args.local_features_fp16 else "float32"
+        self.caches: dict[str, LocalFeatureCache] = {}
+
+    def sink(self, name: str, count: int):
+        def write(indices: torch.Tensor, local: torch.Tensor) -> None:
+            if name not in self.caches:
+                path = self.folder / f"{name}_local_features.npy"
+                self.caches[name] = LocalFeatureCache.create(
+                    path, count, local.shape[1:], self.dtype
+                )
+            self.caches[name].write(indices, local)
+
+        return write
+
+    def read(self, name: str) -> LocalFeatureCache:
+        cache = self.caches[name]
+        cache.close()  # publishes a finished cache and reopens it read-only
+        return cache
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _image_hw(preprocess: Preprocess, dataset: PlaceDataset) -> tuple[int, int]:
+    """The network's input size (for local-feature coordinates)."""
+    if isinstance(preprocess.image_size, tuple):
+        return preprocess.image_size
+    shape = preprocess(load_image(dataset.query_paths[0])).shape
+    return int(shape[1]), int(shape[2])
 
 
 def read_dataset(args: argparse.Namespace) -> PlaceDataset:
@@ -280,12 +350,29 @@ def _evaluate_in(
         device=args.device,
         precision=args.precision,
     )
+    rerank_num = args.rerank_num
+    if rerank_num is None:
+        rerank_num = getattr(model, "default_rerank_num", 0)
+    reranker = args.reranker or getattr(model, "default_reranker", None)
+    if rerank_num and reranker is None:
+        raise ValueError(f"{args.method} has no re-ranker of its own: choose --reranker")
+    locals_ = LocalStores(args, run_dir) if rerank_num else None
     start = time.perf_counter()
     db_desc = extract_global_descriptors(
-        model, dataset.database_paths, preprocess, label="database", **extract
+        model,
+        dataset.database_paths,
+        preprocess,
+        label="database",
+        local_sink=locals_.sink("database", len(dataset.database_paths)) if locals_ else None,
+        **extract,
     )
     q_desc = extract_global_descriptors(
-        model, dataset.query_paths, preprocess, label="queries", **extract
+        model,
+        dataset.query_paths,
+        preprocess,
+        label="queries",
+        local_sink=locals_.sink("queries", len(dataset.query_paths)) if locals_ else None,
+        **extract,
     )
     num_images = len(db_desc) + len(q_desc)
     extraction_s = time.perf_counter() - start
@@ -323,7 +410,7 @@ def _evaluate_in(
             args.pca_dataset_folder,
         )
 
-    k = min(max(args.recall_values), len(db_desc))
+    k = min(max(*args.recall_values, rerank_num), len(db_desc))
     budget = None if args.memory_budget_mb is None else int(args.memory_budget_mb * 2**20)
     start = time.perf_counter()
     if args.pca_dim is not None:
@@ -339,6 +426,38 @@ def _evaluate_in(
         1000 * search_s / len(q_desc),
     )
 
+    global_predictions = predictions
+    scores = -distances[:, 0]
+    rerank_s = 0.0
+    if rerank_num:
+        start = time.perf_counter()
+        scorer = make_scorer(
+            reranker,
+            model,
+            locals_.read("queries"),
+            locals_.read("database"),
+            q_desc,
+            db_desc,
+            _image_hw(preprocess, dataset),
+            device=args.device,
+            precision=args.rerank_precision,
+            memory_budget_bytes=None
+            if args.rerank_memory_mb is None
+            else int(args.rerank_memory_mb * 2**20),
+        )
+        orders, rerank_scores = rerank_order(predictions, rerank_num, scorer)
+        predictions, distances = apply_order(predictions, orders), apply_order(distances, orders)
+        scores = rerank_scores[:, 0]
+        rerank_s = time.perf_counter() - start
+        log.info(
+            "re-ranked the top %d with %s in %.1f s (%.1f ms per query)",
+            orders.shape[1],
+            reranker,
+            rerank_s,
+            1000 * rerank_s / len(q_desc),
+        )
+        locals_.close()
+
     summary: dict = {
         "method": args.method,
         "weights": args.weights,
@@ -353,6 +472,7 @@ def _evaluate_in(
         "timing": {
             "extraction_ms_per_image": 1000 * extraction_s / num_images,
             "search_ms_per_query": 1000 * search_s / len(q_desc),
+            "rerank_ms_per_query": 1000 * rerank_s / len(q_desc),
             "peak_memory_mib": _peak_memory_mib(),
         },
     }
@@ -368,7 +488,12 @@ def _evaluate_in(
                 args.positive_dist_threshold,
             )
         recalls = recall_at_n(predictions, positives, args.recall_values)
-        scores = -distances[:, 0]
+        if rerank_num:
+            global_recalls = recall_at_n(global_predictions, positives, args.recall_values)
+            summary["recalls_global"] = {f"R@{n}": v for n, v in global_recalls.items()}
+            summary["reranker"] = {"method": reranker, "rerank_num": int(orders.shape[1])}
+            log.info("global retrieval: %s", format_recalls(global_recalls))
+            log.info("re-ranked (%s, top %d):", reranker, orders.shape[1])
         summary.update(
             recalls={f"R@{n}": v for n, v in recalls.items()},
             queries_without_positives=int(len(without)),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +44,13 @@ def extract_global_descriptors(
     device: str = "cpu",
     precision: str = "fp32",
     label: str = "images",
+    local_sink: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> np.ndarray:
-    """Run `model` over `paths` in order; returns float32 (N, D) global descriptors."""
+    """Run `model` over `paths` in order; returns float32 (N, D) global descriptors.
+
+    With `local_sink`, each batch's local features (`local_desc`, else `local_tokens`) are
+    passed to it with their image indices, for re-ranking.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     loader = torch.utils.data.DataLoader(
@@ -61,6 +66,11 @@ def extract_global_descriptors(
             with autocast_context(device, precision):
                 out = model(images.to(device))
             batch = out.global_desc.float().cpu().numpy()
+            if local_sink is not None:
+                local = out.local_desc if out.local_desc is not None else out.local_tokens
+                if local is None:
+                    raise ValueError(f"{type(model).__name__} gives no local features to re-rank")
+                local_sink(indices, local.float())
             if descriptors is None:
                 descriptors = np.empty((len(paths), batch.shape[1]), dtype=np.float32)
             descriptors[indices.numpy()] = batch
