@@ -75,10 +75,14 @@ def whole_loop(cfg: dict, steps: int, processes: int, save_dir: Path, tag: str) 
     args = []
     for key, value in {**cfg, "run_name": tag, "max_steps": steps}.items():
         args += ["--set", f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                str(processes)] if processes > 1 else [sys.executable]
-    subprocess.run([*launcher, "-m", "vprkit", "train", "gsv", *args], check=True,
-                   capture_output=True)
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+        if processes > 1
+        else [sys.executable]
+    )
+    subprocess.run(
+        [*launcher, "-m", "vprkit", "train", "gsv", *args], check=True, capture_output=True
+    )
     (run_dir,) = (save_dir / tag).iterdir()
     rows = list(csv.DictReader(open(run_dir / "train_log.csv")))[1:]
     return sum(float(r["images_per_s"]) for r in rows) / len(rows)
@@ -95,8 +99,10 @@ def main() -> None:
 
         generate(args.data, train_places=64, val_queries=4, test_queries=4, eval_streets=1)
     print(f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{'config':>7} {'loader img/s':>13} {'step img/s':>11} {'loader/step':>12} "
-          f"{'1 proc img/s':>13} {'2 proc img/s':>13} {'2p/1p':>6}")
+    print(
+        f"{'config':>7} {'loader img/s':>13} {'step img/s':>11} {'loader/step':>12} "
+        f"{'1 proc img/s':>13} {'2 proc img/s':>13} {'2p/1p':>6}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         save_dir = Path(tmp)
         for name in args.configs:
@@ -104,8 +110,10 @@ def main() -> None:
             loader_ips, step_ips = loader_and_step(cfg, args.steps)
             one = whole_loop(cfg, args.steps, 1, save_dir, f"{name}_1")
             two = whole_loop(cfg, args.steps, 2, save_dir, f"{name}_2")
-            print(f"{name:>7} {loader_ips:>13.1f} {step_ips:>11.1f} "
-                  f"{loader_ips / step_ips:>12.2f} {one:>13.1f} {two:>13.1f} {two / one:>6.2f}")
+            print(
+                f"{name:>7} {loader_ips:>13.1f} {step_ips:>11.1f} "
+                f"{loader_ips / step_ips:>12.2f} {one:>13.1f} {two:>13.1f} {two / one:>6.2f}"
+            )
 
 
 if __name__ == "__main__":
