@@ -214,18 +214,9 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("no trainable parameters: check train_only")
-        self.dataset, self.sampler, collate, description = recipe.build_data(cfg, world)
+        self.source, description = recipe.build_data(cfg, world, self.model)
         log.info("training data: %s", description)
-        self.loader = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_sampler=self.sampler,
-            collate_fn=collate,
-            num_workers=cfg["num_workers"],
-            # Its own generator: creating an iterator (e.g. when resuming mid-epoch) must not
-            # draw from the global RNG that dropout uses.
-            generator=torch.Generator().manual_seed(cfg["seed"]),
-        )
-        self.steps_per_epoch = math.ceil(self.sampler.num_batches / cfg["grad_accum"])
+        self.steps_per_epoch = math.ceil(self.source.num_batches / cfg["grad_accum"])
         self.optimizer = make_optimizer(cfg, params)
         self.scheduler = make_scheduler(cfg, self.optimizer, self.steps_per_epoch)
         self.loss_fn = recipe.make_loss(cfg)
@@ -254,6 +245,7 @@ class Trainer:
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict(),
+            data=self.source.state_dict(),
             epoch=self.epoch,
             batch_in_epoch=self.batch_in_epoch,
             step=self.step,
@@ -270,6 +262,7 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
+        self.source.load_state_dict(checkpoint["data"])
         self.epoch, self.batch_in_epoch = checkpoint["epoch"], checkpoint["batch_in_epoch"]
         self.step, self.best = checkpoint["step"], checkpoint["best"]
         self.not_improved, self.history = checkpoint["not_improved"], checkpoint["history"]
@@ -334,10 +327,9 @@ class Trainer:
         barrier(world)
         self.model.train()
         while self.epoch < cfg["epochs"] and not self._stop_requested():
-            self.sampler.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
-            self.dataset.set_epoch(self.epoch)
+            self.source.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
             bar = tqdm(
-                total=self.sampler.num_batches,
+                total=self.source.num_batches,
                 initial=self.batch_in_epoch,
                 desc=f"epoch {self.epoch}",
                 unit="batch",
@@ -345,7 +337,7 @@ class Trainer:
                 leave=False,
             )
             tick, images = time.perf_counter(), 0
-            for batch in self.loader:
+            for batch in self.source:
                 with autocast_context(cfg["device"], cfg["precision"]):
                     loss, figures = self.recipe.loss(
                         self.train_model, batch, cfg, world, self.loss_fn
@@ -354,7 +346,7 @@ class Trainer:
                 images += len(batch[0]) * world.size
                 self.batch_in_epoch += 1
                 bar.update(1)
-                last_of_epoch = self.batch_in_epoch == self.sampler.num_batches
+                last_of_epoch = self.batch_in_epoch == self.source.num_batches
                 if self.batch_in_epoch % accum and not last_of_epoch:
                     continue
                 if cfg["clip_grad_norm"]:
@@ -386,7 +378,7 @@ class Trainer:
                 if self._stop_requested():
                     break
             bar.close()
-            if self.batch_in_epoch < self.sampler.num_batches:
+            if self.batch_in_epoch < self.source.num_batches:
                 self._checkpoint("last.pth")  # stopped by max_steps mid-epoch
                 break
             if self._end_of_epoch():

@@ -29,3 +29,53 @@ class MultiSimilarity:
         loss = self.loss(descriptors, labels, mined)
         mined_images = torch.unique(mined[0]).numel()
         return loss, {"mined_fraction": mined_images / max(1, len(labels))}
+
+
+def mnn_similarity(anchor: Tensor, other: Tensor) -> Tensor:
+    """SelaVPR's training similarity of two (C, L) local maps: the mean dot product over
+    their mutual-nearest-neighbour pairs, or over co-located features when there are none
+    (SPEC §2.4). Differentiable through the dot products; the matching is not."""
+    sim = anchor.T @ other  # (L anchor, L other)
+    best_other = sim.argmax(dim=1)
+    best_anchor = sim.argmax(dim=0)
+    rows = torch.arange(sim.shape[0], device=sim.device)
+    mutual = best_anchor[best_other] == rows
+    if mutual.any():
+        return sim[rows[mutual], best_other[mutual]].mean()
+    return sim.diagonal().mean()
+
+
+class TripletLoss:
+    """The VG benchmark's triplet loss as SelaVPR and R2Former use it: TripletMarginLoss
+    (margin 0.1, p=2, sum) over every (query, positive, negative), divided by the number of
+    triplets; with `local_weight`, plus SelaVPR's local loss sum_b max(0, sim(q, n) -
+    sim(q, p)) with the mutual-NN similarity, divided the same way, weighted 1:1 officially."""
+
+    def __init__(self, margin: float = 0.1, local_weight: float = 0.0) -> None:
+        self.triplet = torch.nn.TripletMarginLoss(margin=margin, p=2, reduction="sum")
+        self.local_weight = local_weight
+
+    def __call__(self, out, negs: int) -> tuple[Tensor, dict[str, float]]:
+        group = 2 + negs
+        desc = out.global_desc.float()
+        batch = len(desc) // group
+        desc = desc.view(batch, group, -1)
+        global_loss = sum(
+            self.triplet(desc[:, 0], desc[:, 1], desc[:, 2 + n]) for n in range(negs)
+        ) / (batch * negs)
+        figures = {"triplet_loss": float(global_loss.detach())}
+        if not self.local_weight:
+            return global_loss, figures
+        if out.local_desc is None:
+            raise ValueError("local_loss_weight > 0 needs a model with dense local features")
+        maps = out.local_desc.float()
+        maps = maps.view(batch, group, maps.shape[1], -1)
+        local_loss = maps.new_zeros(())
+        for b in range(batch):
+            positive = mnn_similarity(maps[b, 0], maps[b, 1])
+            for n in range(negs):
+                negative = mnn_similarity(maps[b, 0], maps[b, 2 + n])
+                local_loss = local_loss + torch.clamp(negative - positive, min=0)
+        local_loss = local_loss / (batch * negs)
+        figures["local_loss"] = float(local_loss.detach())
+        return global_loss + self.local_weight * local_loss, figures

@@ -17,7 +17,8 @@ from torch import nn
 from vprkit.data.augment import TrainTransform
 from vprkit.models.registry import create_model
 from vprkit.train.distributed import World, gather, gather_with_grad
-from vprkit.train.losses import MultiSimilarity
+from vprkit.train.losses import MultiSimilarity, TripletLoss
+from vprkit.train.sources import LoaderSource, TripletSource
 
 # Settings every recipe has; a recipe's defaults extend or override them.
 COMMON_DEFAULTS: dict = {
@@ -102,8 +103,8 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r} needs a model: set model=<registered name>")
         return create_model(cfg["model"], weights=cfg["init_weights"], **cfg["model_options"])
 
-    def build_data(self, cfg: dict, world: World):
-        """(dataset with set_epoch, batch sampler with set_epoch/num_batches, collate, text)."""
+    def build_data(self, cfg: dict, world: World, model: nn.Module):
+        """(a batch source from `vprkit.train.sources`, a description for the log)."""
         raise NotImplementedError
 
     def make_loss(self, cfg: dict):
@@ -117,7 +118,7 @@ class Recipe:
 class GSVRecipe(Recipe):
     """Places x images batches from a GSV-Cities tree, multi-similarity loss (CricaVPR)."""
 
-    def build_data(self, cfg: dict, world: World):
+    def build_data(self, cfg: dict, world: World, model: nn.Module):
         from vprkit.data.gsv_cities import GSVCitiesDataset, collate_places, read_gsv_cities
         from vprkit.train.samplers import PlaceBatchSampler
 
@@ -142,7 +143,8 @@ class GSVRecipe(Recipe):
             num_replicas=world.size,
             rank=world.rank,
         )
-        return dataset, sampler, collate_places, f"{data!r}; transform {transform!r}"
+        source = LoaderSource(dataset, sampler, collate_places, cfg["num_workers"], cfg["seed"])
+        return source, f"{data!r}; transform {transform!r}"
 
     def make_loss(self, cfg: dict) -> MultiSimilarity:
         return MultiSimilarity(cfg["ms_alpha"], cfg["ms_beta"], cfg["ms_base"], cfg["ms_epsilon"])
@@ -157,6 +159,76 @@ class GSVRecipe(Recipe):
         return loss_fn(descriptors, labels)
 
 
+class TripletRecipe(Recipe):
+    """VG-benchmark triplets (query, positive within 10 m, hardest negatives beyond 25 m)
+    re-mined with the current model, triplet loss on global descriptors, plus SelaVPR's
+    mutual-NN local loss when `local_loss_weight` > 0."""
+
+    def build_data(self, cfg: dict, world: World, model: nn.Module):
+        from vprkit.data.images import Preprocess
+        from vprkit.data.triplets import (
+            TripletData,
+            TripletsDataset,
+            collate_triplets,
+            model_feature_fn,
+        )
+
+        if not cfg.get("train_dataset_folder"):
+            raise ValueError(f"recipe {self.name!r} needs train_dataset_folder=<VG dataset>")
+        data = TripletData.from_folder(
+            cfg["train_dataset_folder"],
+            split=cfg["train_split"],
+            train_positives_dist_threshold=cfg["train_positives_dist_threshold"],
+            val_positive_dist_threshold=cfg["positive_dist_threshold"],
+        )
+        transform = TrainTransform(
+            image_size=tuple(cfg["image_size"]),
+            horizontal_flip_p=cfg["horizontal_flip_p"],
+            rand_augment_num_ops=cfg["rand_augment_ops"],
+        )
+        dataset = TripletsDataset(
+            data,
+            cfg["mining"],
+            negs_num_per_query=cfg["negs_num_per_query"],
+            cache_refresh_rate=cfg["cache_refresh_rate"],
+            neg_samples_num=cfg["neg_samples_num"],
+            neg_hardness=cfg["neg_hardness"],
+            hard_negatives_file=cfg["hard_negatives_file"],
+            transform=transform,
+            seed=cfg["seed"],
+        )
+        source = TripletSource(
+            dataset,
+            cfg["train_batch_size"],
+            cfg["queries_per_epoch"],
+            world,
+            collate_triplets,
+            cfg["num_workers"],
+            cfg["seed"],
+        )
+        source.feature_fn = model_feature_fn(
+            model,
+            Preprocess(image_size=tuple(cfg["image_size"])),
+            cfg["infer_batch_size"],
+            cfg["device"],
+            precision=cfg["precision"],
+        )
+        text = (
+            f"{data.num_queries} training queries ({data.num_dropped_queries} without a "
+            f"positive dropped), {cfg['mining']} mining, {source.refreshes} refresh(es) of "
+            f"{source.batches_per_refresh} batches per epoch; transform {transform!r}"
+        )
+        return source, text
+
+    def make_loss(self, cfg: dict) -> TripletLoss:
+        return TripletLoss(cfg["margin"], cfg["local_loss_weight"])
+
+    def loss(self, model, batch, cfg, world, loss_fn):
+        images, _ = batch
+        out = model(images.to(cfg["device"]))
+        return loss_fn(out, cfg["negs_num_per_query"])
+
+
 GSV_DEFAULTS = {
     "gsv_root": None,
     "cities": None,
@@ -169,6 +241,24 @@ GSV_DEFAULTS = {
     "ms_beta": 50.0,
     "ms_base": 0.0,
     "ms_epsilon": 0.1,
+}
+
+TRIPLET_DEFAULTS = {
+    "train_dataset_folder": None,
+    "train_split": "train",
+    "train_positives_dist_threshold": 10.0,
+    "mining": "partial",
+    "negs_num_per_query": 2,
+    "cache_refresh_rate": 1000,
+    "neg_samples_num": 1000,
+    "neg_hardness": 100,
+    "hard_negatives_file": None,
+    "queries_per_epoch": 5000,
+    "train_batch_size": 4,  # queries per batch, each with a positive and its negatives
+    "margin": 0.1,
+    "local_loss_weight": 0.0,
+    "rand_augment_ops": 0,
+    "horizontal_flip_p": 0.0,
 }
 
 RECIPES: dict[str, Recipe] = {
@@ -192,6 +282,28 @@ RECIPES: dict[str, Recipe] = {
             "step_size_epochs": 3,
             "gamma": 0.5,
             "epochs": 10,
+            "save_best": "R@5",
+        },
+    ),
+    "triplet": TripletRecipe(
+        "triplet",
+        "any registered model on VG-format triplets with the triplet loss (set model=...)",
+        {**TRIPLET_DEFAULTS},
+    ),
+    "selavpr": TripletRecipe(
+        "selavpr",
+        "SelaVPR (SPEC §2.4): partial mining, 4 x (query, positive, 2 negatives) at 224, "
+        "triplet loss (margin 0.1) + mutual-NN local loss 1:1, Adam 1e-5, adapters + GeM p + "
+        "LocalAdapt trainable, patience 3",
+        {
+            **TRIPLET_DEFAULTS,
+            "model": "selavpr",
+            "train_only": ["backbone.*adapter*", "aggregation.*", "LocalAdapt.*"],
+            "local_loss_weight": 1.0,
+            "optimizer": "adam",
+            "lr": 1e-5,
+            "epochs": 50,
+            "patience": 3,
             "save_best": "R@5",
         },
     ),
