@@ -159,3 +159,24 @@ def test_resume_refuses_other_settings(tiny_synthetic, tmp_path):
     run_dir, _ = train("gsv", cfg)
     with pytest.raises(ValueError, match="other settings.*image_size"):
         train("gsv", {**cfg, "image_size": [42, 42]}, resume=run_dir / "last.pth")
+
+
+def test_cricavpr_recipe_trains_a_tiny_model_from_scratch(tiny_synthetic, tmp_path):
+    tiny = {"depth": 2, "embed_dim": 64, "num_heads": 4, "encoder_heads": 4, "encoder_ff_dim": 128}
+    cfg = settings(
+        tiny_synthetic,
+        tmp_path,
+        model_options=tiny,
+        train_only=None,
+        epochs=5,
+        rand_augment_ops=0,
+        validate_at_start=True,
+        save_best="R@1",
+        val_dataset_folder=str(tiny_synthetic / "vg" / "synthetic"),
+    )
+    del cfg["model"]  # the recipe's own: cricavpr
+    run_dir, summary = train("cricavpr", cfg)
+    history = summary["history"]
+    assert max(h["R@1"] for h in history[1:]) > history[0]["R@1"], history
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["model"] == "cricavpr" and saved["scheduler"] == "step"

@@ -31,7 +31,7 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | No
 
 def _ensure_builtin_models() -> None:
     # Importing the modules runs their @register_model decorators.
-    from vprkit.models import backbones, baselines, selavpr  # noqa: F401
+    from vprkit.models import backbones, baselines, cricavpr, r2former, selavpr  # noqa: F401
 
 
 def list_models(pattern: str = "*") -> list[str]:

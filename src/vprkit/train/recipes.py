@@ -76,7 +76,10 @@ class TorchRngTransform:
 def apply_train_only(model: nn.Module, patterns: list[str] | None) -> tuple[int, int]:
     """Freeze every parameter whose name matches none of `patterns` (fnmatch, e.g.
     `*adapter*`); returns (trainable, total) parameter counts."""
-    if patterns is not None:
+    if patterns is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
         matched = set()
         for name, p in model.named_parameters():
             hits = [pat for pat in patterns if fnmatch.fnmatch(name, pat)]
