@@ -347,3 +347,32 @@ def test_reranking_needs_a_reranker_and_local_features(tmp_path):
         cli_main([*base, "--method", "_test_blind_global"])
     with pytest.raises(ValueError, match="gives no local features"):
         cli_main([*base, "--method", "_test_mean_colour", "--reranker", "mnn"])
+
+
+def test_r2former_reranks_with_its_own_transformer_by_default(tmp_path):
+    _make_vg_patterns(tmp_path / "toyvg", num_places=4)
+    args = [
+        "eval",
+        "--method",
+        "r2former",
+        "--model_option",
+        "depth=1",
+        "--image_size",
+        "32",
+        "48",
+        "--dataset_folder",
+        str(tmp_path / "toyvg"),
+        "--num_workers",
+        "0",
+        "--recall_values",
+        "1",
+        "3",
+        "--save_dir",
+        str(tmp_path / "r"),
+        "--rerank_num",
+        "3",
+    ]
+    assert cli_main(args) == 0
+    summary = json.loads((_only_run_dir(tmp_path / "r") / "recalls.json").read_text())
+    assert summary["reranker"] == {"method": "r2former", "rerank_num": 3}
+    assert set(summary["recalls_global"]) == set(summary["recalls"]) == {"R@1", "R@3"}

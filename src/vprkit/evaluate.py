@@ -78,6 +78,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--ground_truth", "--ground-truth", type=Path, help="VPR-Bench .npy")
     data.add_argument("--no_labels", "--no-labels", action="store_true")
     data.add_argument(
+        "--msls_split",
+        "--msls-split",
+        choices=["val", "test"],
+        default="val",
+        help="Mapillary SLS folder (train_val/, test/): which split",
+    )
+    data.add_argument(
+        "--msls_val_split",
+        "--msls-val-split",
+        choices=["official", "downloader"],
+        default="official",
+        help="official: the 740-query set the papers use; downloader: VPR-datasets-downloader's",
+    )
+    data.add_argument("--msls_subtask", "--msls-subtask", default="all")
+    data.add_argument("--msls_cities", "--msls-cities", nargs="+", help="default: the split's")
+    data.add_argument(
         "--positive_dist_threshold", "--positive-dist-threshold", type=float, default=25.0
     )
     run = parser.add_argument_group("run")
@@ -192,6 +208,20 @@ def read_dataset(args: argparse.Namespace) -> PlaceDataset:
     if args.dataset_folder is not None:
         if args.database_folder or args.queries_folder:
             raise ValueError("give either --dataset_folder or --database_folder/--queries_folder")
+        if (
+            (Path(args.dataset_folder) / "train_val").is_dir()
+            or args.msls_split == "test"
+            and (Path(args.dataset_folder) / "test").is_dir()
+        ):
+            from vprkit.data.msls import read_msls
+
+            return read_msls(
+                args.dataset_folder,
+                split=args.msls_split,
+                cities=args.msls_cities,
+                subtask=args.msls_subtask,
+                val_split=args.msls_val_split,
+            )
         return load_dataset(args.dataset_folder, split=args.split, no_labels=args.no_labels)
     if not (args.database_folder and args.queries_folder):
         raise ValueError("give --dataset_folder, or both --database_folder and --queries_folder")
@@ -509,6 +539,20 @@ def _evaluate_in(
     else:
         log.info("no labels: retrieval only, no recall computed")
 
+    if hasattr(dataset, "query_keys"):  # Mapillary SLS: the challenge's submission files
+        from vprkit.data.msls import write_submission
+
+        write_submission(
+            run_dir / "msls_submission.csv", dataset.query_keys, dataset.database_keys, predictions
+        )
+        if rerank_num:
+            write_submission(
+                run_dir / "msls_submission_global.csv",
+                dataset.query_keys,
+                dataset.database_keys,
+                global_predictions,
+            )
+        log.info("%s", getattr(dataset, "description", "MSLS"))
     _write_per_query(run_dir, q_names, db_names, predictions, distances, positives)
     _write_pairs(run_dir / "pairs.txt", q_names, db_names, predictions)
     if args.num_preds_to_save:
