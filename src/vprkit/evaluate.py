@@ -165,14 +165,14 @@ class LocalStores:
     """Where both sides' local features go for re-ranking: memory-mapped .npy caches in
     `--local_features_cache` (kept) or in a temporary folder (removed at the end)."""
 
-    def __init__(self, args: argparse.Namespace, run_dir: Path) -> None:
+    def __init__(self, folder: Path | None = None, fp16: bool = False) -> None:
         self._tmp = None
-        if args.local_features_cache is not None:
-            self.folder = Path(args.local_features_cache)
+        if folder is not None:
+            self.folder = Path(folder)
         else:
             self._tmp = tempfile.TemporaryDirectory(prefix="vprkit_local_")
             self.folder = Path(self._tmp.name)
-        self.dtype = "float16" if args.local_features_fp16 else "float32"
+        self.dtype = "float16" if fp16 else "float32"
         self.caches: dict[str, LocalFeatureCache] = {}
 
     def sink(self, name: str, count: int):
@@ -333,17 +333,50 @@ def validation_recalls(
     positives: list[np.ndarray],
     preprocess: Preprocess,
     recall_values: list[int],
+    rerank_num: int = 0,
+    reranker: str | None = None,
     **extract_options,
 ) -> dict[int, float]:
-    """Recall@N of `model` on `dataset`, for validation during training (no files written)."""
-    db_desc = extract_global_descriptors(
-        model, dataset.database_paths, preprocess, label="val database", **extract_options
-    )
-    q_desc = extract_global_descriptors(
-        model, dataset.query_paths, preprocess, label="val queries", **extract_options
-    )
-    _, predictions = search(db_desc, q_desc, min(max(recall_values), len(db_desc)))
-    return recall_at_n(predictions, positives, recall_values)
+    """Recall@N of `model` on `dataset`, for validation during training (no files written);
+    after re-ranking the top `rerank_num` with `reranker` when it is set (SelaVPR selects
+    its checkpoints by re-ranked R@5)."""
+    stores = LocalStores() if rerank_num else None
+    try:
+        db_desc = extract_global_descriptors(
+            model,
+            dataset.database_paths,
+            preprocess,
+            label="val database",
+            local_sink=stores.sink("database", len(dataset.database_paths)) if stores else None,
+            **extract_options,
+        )
+        q_desc = extract_global_descriptors(
+            model,
+            dataset.query_paths,
+            preprocess,
+            label="val queries",
+            local_sink=stores.sink("queries", len(dataset.query_paths)) if stores else None,
+            **extract_options,
+        )
+        k = min(max(*recall_values, rerank_num), len(db_desc))
+        _, predictions = search(db_desc, q_desc, k)
+        if stores:
+            scorer = make_scorer(
+                reranker,
+                model,
+                stores.read("queries"),
+                stores.read("database"),
+                q_desc,
+                db_desc,
+                _image_hw(preprocess, dataset),
+                device=extract_options.get("device", "cpu"),
+            )
+            orders, _ = rerank_order(predictions, rerank_num, scorer, label="val re-ranking")
+            predictions = apply_order(predictions, orders)
+        return recall_at_n(predictions, positives, recall_values)
+    finally:
+        if stores:
+            stores.close()
 
 
 def _evaluate_in(
@@ -386,7 +419,9 @@ def _evaluate_in(
     reranker = args.reranker or getattr(model, "default_reranker", None)
     if rerank_num and reranker is None:
         raise ValueError(f"{args.method} has no re-ranker of its own: choose --reranker")
-    locals_ = LocalStores(args, run_dir) if rerank_num else None
+    locals_ = (
+        LocalStores(args.local_features_cache, args.local_features_fp16) if rerank_num else None
+    )
     start = time.perf_counter()
     db_desc = extract_global_descriptors(
         model,

@@ -295,12 +295,18 @@ class Trainer:
         from vprkit.retrieval.metrics import format_recalls
 
         dataset, positives, preprocess = self.validation
+        rerank_num = self.cfg["val_rerank_num"]
+        reranker = getattr(self.model, "default_reranker", None) if rerank_num else None
+        if rerank_num and reranker is None:
+            raise ValueError(f"val_rerank_num needs a model with a re-ranker: {self.cfg['model']}")
         recalls = validation_recalls(
             self.model,
             dataset,
             positives,
             preprocess,
             self.cfg["recall_values"],
+            rerank_num=rerank_num,
+            reranker=reranker,
             batch_size=self.cfg["infer_batch_size"],
             num_workers=self.cfg["num_workers"],
             device=self.cfg["device"],

@@ -52,6 +52,7 @@ COMMON_DEFAULTS: dict = {
     "save_best": "R@5",
     "patience": 10,
     "validate_at_start": False,  # also validate the untrained model (history epoch -1)
+    "val_rerank_num": 0,  # re-rank the top N in validation with the model's own re-ranker
     "checkpoint_every": 100,  # optimizer steps between checkpoints (and every epoch end)
     "save_dir": "runs",
     "run_name": None,
@@ -308,6 +309,7 @@ RECIPES: dict[str, Recipe] = {
             "epochs": 50,
             "patience": 3,
             "save_best": "R@5",
+            "val_rerank_num": 100,  # checkpoints are selected by re-ranked R@5
         },
     ),
 }
