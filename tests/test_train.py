@@ -180,3 +180,50 @@ def test_cricavpr_recipe_trains_a_tiny_model_from_scratch(tiny_synthetic, tmp_pa
     assert max(h["R@1"] for h in history[1:]) > history[0]["R@1"], history
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["model"] == "cricavpr" and saved["scheduler"] == "step"
+
+
+TINY_CRICAVPR = {
+    "depth": 1,
+    "embed_dim": 64,
+    "num_heads": 4,
+    "encoder_heads": 4,
+    "encoder_ff_dim": 128,
+}
+
+
+def test_cricavpr_encoder_across_ranks(tiny_synthetic, tmp_path):
+    model = vprkit.create_model("cricavpr", **TINY_CRICAVPR).train()
+    x = torch.randn(4, 3, 56, 56)
+    torch.manual_seed(0)
+    coupled = model(x).global_desc
+    model.batch_mode = "gathered"  # a world of one: the same as coupled
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(x).global_desc, coupled)
+
+    cfg = settings(
+        tiny_synthetic,
+        tmp_path,
+        model_options=TINY_CRICAVPR,
+        epochs=1,
+        run_name="across",
+        encoder_across_ranks=True,
+    )
+    del cfg["model"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "vprkit",
+        "train",
+        "cricavpr",
+        *cli_args(cfg),
+        "--max_steps",
+        "2",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs" / "across").iterdir()
+    assert read_checkpoint(run_dir / "last.pth")["step"] == 2

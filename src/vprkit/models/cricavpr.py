@@ -48,7 +48,10 @@ CONV_INIT = 1e-5  # train.py sets every adapter Conv2d weight and bias to this c
 BN_EPS = 1e-3
 PYRAMID = (2, 3)  # region grids after the cls token: 1 + 4 + 9 = 14 tokens
 NUM_TOKENS = 1 + sum(n * n for n in PYRAMID)
-BATCH_MODES = ("coupled", "single")
+# coupled: the images of one call attend to each other; single: each image alone;
+# gathered: under torch.distributed, the images of every rank's call attend to each other
+# (the whole global batch), each rank keeping its own slice of the result.
+BATCH_MODES = ("coupled", "single", "gathered")
 
 # fnmatch patterns of what CricaVPR trains (for `vprkit.train.recipes.apply_train_only`).
 TRAIN_ONLY = ["backbone.*adapter*", "encoder.*", "aggregation.*"]
@@ -278,12 +281,18 @@ class CricaVPR(nn.Module):
         B, _, D = out.patch_tokens.shape
         patch_map = out.patch_tokens.reshape(B, rows, cols, D).permute(0, 3, 1, 2)
         tokens = self.region_tokens(out.cls_token, patch_map)
-        if mode == "coupled":
-            # (B, 14, D) as is into a sequence-first encoder: sequence = images of the batch
-            encoded = self.encoder(tokens)
-        else:
+        if mode == "single":
             # a sequence of one image per (image, region): the attention sees only itself
             encoded = self.encoder(tokens.reshape(1, B * NUM_TOKENS, D))
+        elif mode == "gathered" and self.training:  # evaluation never waits on other ranks
+            from vprkit.train.distributed import current_world, gather_with_grad
+
+            world = current_world()
+            encoded = self.encoder(gather_with_grad(world, tokens))
+            encoded = encoded[world.rank * B : (world.rank + 1) * B]
+        else:
+            # (B, 14, D) as is into a sequence-first encoder: sequence = images of the batch
+            encoded = self.encoder(tokens)
         desc = encoded.reshape(B, NUM_TOKENS * D)
         return DescriptorOutput(global_desc=F.normalize(desc, p=2, dim=-1))
 

@@ -33,10 +33,17 @@ def init_world(device: str) -> World:
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend=backend)
-    world = World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    world = current_world()
     if device.startswith("cuda"):
         torch.cuda.set_device(world.local_rank)
     return world
+
+
+def current_world() -> World:
+    """The process group this process is in (a world of one without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return World()
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def barrier(world: World) -> None:

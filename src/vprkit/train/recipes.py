@@ -139,10 +139,14 @@ class GSVRecipe(Recipe):
         dataset = GSVCitiesDataset(
             data, cfg["images_per_place"], TorchRngTransform(transform), seed=cfg["seed"]
         )
+        across_ranks = cfg["encoder_across_ranks"] and world.distributed
+        if across_ranks:  # CricaVPR's encoder over the whole global batch
+            model.batch_mode = "gathered"
         sampler = PlaceBatchSampler(
             data.place_cities,
             cfg["places_per_batch"],
             city_grouped=cfg["city_grouped"],
+            drop_last=across_ranks,  # gathering needs equal slices on every rank
             seed=cfg["seed"],
             num_replicas=world.size,
             rank=world.rank,
@@ -245,6 +249,9 @@ GSV_DEFAULTS = {
     "ms_beta": 50.0,
     "ms_base": 0.0,
     "ms_epsilon": 0.1,
+    # CricaVPR under torchrun: False = the encoder attends within each rank's slice (as the
+    # official DataParallel run did per GPU), True = across the whole global batch.
+    "encoder_across_ranks": False,
 }
 
 TRIPLET_DEFAULTS = {
