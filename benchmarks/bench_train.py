@@ -76,7 +76,14 @@ def whole_loop(cfg: dict, steps: int, processes: int, save_dir: Path, tag: str) 
     for key, value in {**cfg, "run_name": tag, "max_steps": steps}.items():
         args += ["--set", f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"]
     launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(processes),
+        ]
         if processes > 1
         else [sys.executable]
     )

@@ -114,6 +114,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_synthetic, tmp_
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free port: no clash with another run's
         "--nproc_per_node",
         "2",
         "-m",
@@ -213,6 +214,7 @@ def test_cricavpr_encoder_across_ranks(tiny_synthetic, tmp_path):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free port: no clash with another run's
         "--nproc_per_node",
         "2",
         "-m",
