@@ -52,8 +52,8 @@ def loader_and_step(cfg: dict, steps: int) -> tuple[float, float]:
     recipe = get_recipe("gsv")
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(recipe, resolve_config(recipe, {}, cfg), Path(tmp), World())
-        trainer.sampler.set_epoch(0)
-        batches = iter(trainer.loader)
+        trainer.source.set_epoch(0)
+        batches = iter(trainer.source)
         batch = next(batches)
         start, images = time.perf_counter(), 0
         for _, b in zip(range(steps), batches, strict=False):
