@@ -121,6 +121,16 @@ DIFFICULTIES: dict[str, Difficulty] = {
         exposure=0.3, contrast_range=(0.7, 1.15), blur_max=1.5, noise_max=0.03,
         max_occluders=3, unique_details=2,
     ),
+    # `vprkit demo`'s world: mild viewpoint change (the hard part to learn from scratch in
+    # minutes), varied light (dusk, a little night), seasons, haze and occlusion; facades
+    # alias (2 unique details each). Raw pixels and an untrained network score low; a tiny
+    # network trained from scratch for a few CPU minutes clearly learns it.
+    "demo": Difficulty(
+        lateral_m=1.5, forward_m=2.0, yaw_deg=12.0, pitch_deg=2.0, height_range=(2.2, 2.7),
+        p_dusk=0.2, p_night=0.05, p_season=0.3, p_fog=0.1, fog_max=0.02, color_cast=0.15,
+        exposure=0.3, contrast_range=(0.75, 1.1), blur_max=1.0, noise_max=0.02,
+        max_occluders=2, unique_details=2,
+    ),
     "hard": Difficulty(
         lateral_m=4.0, forward_m=6.0, yaw_deg=35.0, pitch_deg=8.0, height_range=(1.4, 3.0),
         p_dusk=0.3, p_night=0.45, p_season=1.0, p_fog=0.5, fog_max=0.06, color_cast=0.25,
