@@ -327,6 +327,27 @@ def evaluate(args: argparse.Namespace) -> EvalResult:
         raise
 
 
+def extract_both_sides(
+    model: torch.nn.Module,
+    dataset: PlaceDataset,
+    preprocess: Preprocess,
+    stores: LocalStores | None,
+    label: str = "",
+    **extract_options,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Database then queries, each in its own batches (never mixed: CricaVPR's protocol);
+    local features go to `stores` when re-ranking follows."""
+    sides = []
+    for side, paths in (("database", dataset.database_paths), ("queries", dataset.query_paths)):
+        sink = stores.sink(side, len(paths)) if stores else None
+        sides.append(
+            extract_global_descriptors(
+                model, paths, preprocess, label=label + side, local_sink=sink, **extract_options
+            )
+        )
+    return sides[0], sides[1]
+
+
 def validation_recalls(
     model: torch.nn.Module,
     dataset: PlaceDataset,
@@ -342,21 +363,8 @@ def validation_recalls(
     its checkpoints by re-ranked R@5)."""
     stores = LocalStores() if rerank_num else None
     try:
-        db_desc = extract_global_descriptors(
-            model,
-            dataset.database_paths,
-            preprocess,
-            label="val database",
-            local_sink=stores.sink("database", len(dataset.database_paths)) if stores else None,
-            **extract_options,
-        )
-        q_desc = extract_global_descriptors(
-            model,
-            dataset.query_paths,
-            preprocess,
-            label="val queries",
-            local_sink=stores.sink("queries", len(dataset.query_paths)) if stores else None,
-            **extract_options,
+        db_desc, q_desc = extract_both_sides(
+            model, dataset, preprocess, stores, label="val ", **extract_options
         )
         k = min(max(*recall_values, rerank_num), len(db_desc))
         _, predictions = search(db_desc, q_desc, k)
@@ -423,22 +431,7 @@ def _evaluate_in(
         LocalStores(args.local_features_cache, args.local_features_fp16) if rerank_num else None
     )
     start = time.perf_counter()
-    db_desc = extract_global_descriptors(
-        model,
-        dataset.database_paths,
-        preprocess,
-        label="database",
-        local_sink=locals_.sink("database", len(dataset.database_paths)) if locals_ else None,
-        **extract,
-    )
-    q_desc = extract_global_descriptors(
-        model,
-        dataset.query_paths,
-        preprocess,
-        label="queries",
-        local_sink=locals_.sink("queries", len(dataset.query_paths)) if locals_ else None,
-        **extract,
-    )
+    db_desc, q_desc = extract_both_sides(model, dataset, preprocess, locals_, **extract)
     num_images = len(db_desc) + len(q_desc)
     extraction_s = time.perf_counter() - start
     log.info(
