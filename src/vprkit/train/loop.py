@@ -430,6 +430,7 @@ class Trainer:
 # Flags with their own spelling; any other setting goes through --set KEY=VALUE.
 FLAGS = {
     "gsv_root": Path,
+    "train_dataset_folder": Path,
     "val_dataset_folder": Path,
     "model": str,
     "init_weights": str,
