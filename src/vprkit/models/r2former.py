@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from vprkit.models.backbones import Backbone, deit_small_distilled_patch16_224
 from vprkit.models.outputs import DescriptorOutput
 from vprkit.models.registry import register_model
+from vprkit.models.vit import Mlp
 from vprkit.weights import WeightsMismatchError
 
 log = logging.getLogger(__name__)
@@ -98,17 +99,6 @@ class RerankAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
-class RerankMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class RerankBlock(nn.Module):
     """timm 0.5.4 `Block`: x + attn(norm1(x)), then x + mlp(norm2(x)); no extra parameters."""
 
@@ -117,7 +107,7 @@ class RerankBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = RerankAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = RerankMlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))  # the ViT's (timm's fc1, GELU, fc2)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))
