@@ -13,7 +13,7 @@ adapters without copying the block.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +88,6 @@ class ViTOutput:
     # Only with return_attention=True:
     last_block_input: Tensor | None = None  # (B, T, C): the tokens entering the last block
     last_attention: Tensor | None = None  # (B, heads, T, T): softmax weights of the last block
-    extras: dict = field(default_factory=dict)
 
 
 class LayerScale(nn.Module):
