@@ -63,7 +63,7 @@ def test_training_learns_and_writes_its_run_folder(tiny_synthetic, tmp_path):
     )
     run_dir, summary = train("gsv", cfg)
     rows = list(csv.DictReader(open(run_dir / "train_log.csv")))
-    losses = [float(r["loss"]) for r in rows if r["loss"]]
+    losses = [float(r["loss"]) for r in rows]
     assert len(losses) == 6 * 3
     assert sum(losses[-3:]) < sum(losses[:3])
     history = summary["history"]
@@ -71,6 +71,9 @@ def test_training_learns_and_writes_its_run_folder(tiny_synthetic, tmp_path):
     before, best = history[0]["R@1"], max(h["R@1"] for h in history[1:])
     assert best > before, history
     assert summary["best"] == best
+    val_rows = list(csv.DictReader(open(run_dir / "val_log.csv")))
+    assert [int(r["epoch"]) for r in val_rows] == list(range(6))
+    assert [float(r["val/R@1"]) for r in val_rows] == [h["R@1"] for h in history[1:]]
     for name in ("config.json", "log.txt", "summary.json", "last.pth", "best.pth"):
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "config.json").read_text())["lr"] == 1e-3

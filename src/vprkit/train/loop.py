@@ -162,11 +162,8 @@ class MetricsLog:
     """Per-step figures to a CSV file (and TensorBoard event files when installed)."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / "train_log.csv"
-        self.fields: list[str] | None = None
-        if self.path.exists():
-            with open(self.path) as f:
-                self.fields = next(csv.reader(f), None)
+        self.run_dir = run_dir
+        self.fields: dict[str, list[str]] = {}  # per CSV file: its columns
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -175,13 +172,18 @@ class MetricsLog:
             self.tensorboard = None
             log.info("TensorBoard event files off: pip install tensorboard to write them")
 
-    def write(self, step: int, values: dict) -> None:
+    def write(self, step: int, values: dict, csv_name: str = "train_log.csv") -> None:
+        """One row of `csv_name` (its columns fixed by its first row, or the file's header
+        when a resumed run appends to it)."""
         row = {"step": step, **values}
-        new_file = self.fields is None
-        if new_file:
-            self.fields = list(row)
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+        path = self.run_dir / csv_name
+        if csv_name not in self.fields and path.exists():
+            with open(path) as f:
+                self.fields[csv_name] = next(csv.reader(f), [])
+        new_file = csv_name not in self.fields
+        fields = self.fields.setdefault(csv_name, list(row))
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             if new_file:
                 writer.writeheader()
             writer.writerow(row)
@@ -405,7 +407,11 @@ class Trainer:
                 {"epoch": self.epoch - 1, **{f"R@{n}": v for n, v in recalls.items()}}
             )
             if self.metrics is not None:
-                self.metrics.write(self.step, {f"val/R@{n}": v for n, v in recalls.items()})
+                self.metrics.write(
+                    self.step,
+                    {"epoch": self.epoch - 1, **{f"val/R@{n}": v for n, v in recalls.items()}},
+                    csv_name="val_log.csv",
+                )
             key = int(self.cfg["save_best"][2:])
             if key not in recalls:
                 raise ValueError(f"save_best {self.cfg['save_best']} is not among recall_values")
