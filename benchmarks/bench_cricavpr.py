@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,27 +27,15 @@ import time
 from collections.abc import Callable
 
 import torch
+from memory import MIB, peak_rss, rss_now  # benchmarks/memory.py
 from torch import Tensor, nn
 from torch.utils import flop_counter
 
 import vprkit
 from vprkit.extract import autocast_context
 
-MIB = 1 << 20
 TARGET = 1.20  # at most 20% more time than the bare backbone
 MODELS = ("backbone", "cricavpr")
-
-
-def _rss_now() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def build_models(seed: int) -> tuple[nn.Module, nn.Module]:
@@ -102,12 +89,12 @@ def run_child(args: argparse.Namespace) -> None:
     x = torch.randn(args.batch, 3, args.size, args.size)
     with torch.no_grad(), autocast_context("cpu", args.precision):
         fn(x[:1])  # pages in the code and kernels, so `extra` is the forward's own memory
-        before = _peak_rss()
-        base = _rss_now()
+        before = peak_rss()
+        base = rss_now()
         t0 = time.perf_counter()
         fn(x)
         seconds = time.perf_counter() - t0
-        peak = _peak_rss()
+        peak = peak_rss()
     result = {"peak": peak, "extra": peak - base, "base": base, "before": before, "s": seconds}
     print(json.dumps(result))
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,20 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-MIB = 1 << 20
-
-
-def _rss_now() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+from memory import MIB, peak_rss, rss_now  # benchmarks/memory.py
 
 
 def official_batched(query, cands):
@@ -80,11 +66,11 @@ def run_child(args: argparse.Namespace) -> None:
             official_batched(small_q, small_c)
         else:
             mutual_nn_count(small_q, small_c, precision=precision)
-        base = _rss_now()
+        base = rss_now()
         t0 = time.perf_counter()
         counts = fn()  # the first call also sets the peak memory
         times = [time.perf_counter() - t0]
-        peak = _peak_rss()
+        peak = peak_rss()
         for _ in range(args.repeats - 1):
             t0 = time.perf_counter()
             fn()

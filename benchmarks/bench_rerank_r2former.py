@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,25 +31,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from memory import MIB, peak_rss, rss_now  # benchmarks/memory.py
 
-MIB = 1 << 20
 IMAGE_HW = (480, 640)
 PATCH = 16
 FEAT_DIM = 128
 GLOBAL_DIM = 256
 METHODS = ("ransac", "r2former")
-
-
-def _rss_now() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -173,11 +160,11 @@ def run_child(args: argparse.Namespace) -> None:
     rr = Rerankers(Path(args.inputs), args.threads, (args.method,))
     fn = getattr(rr, args.method)
     fn(0, 2)  # pages in the code and kernels, so `extra` counts the computation only
-    base = _rss_now()
+    base = rss_now()
     t0 = time.perf_counter()
     fn(0)
     seconds = time.perf_counter() - t0
-    peak = _peak_rss()
+    peak = peak_rss()
     print(json.dumps({"peak": peak, "extra": peak - base, "base": base, "s": seconds}))
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -21,22 +20,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from memory import MIB, peak_rss, rss_now  # benchmarks/memory.py
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LAYOUT = ROOT.parent / "shared" / "data" / "utm_ground_truth" / "tokyo247.npz"
-MIB = 1 << 20
-
-
-def _rss_now() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 # ----------------------------------------------------------------------------- child tasks
@@ -62,7 +49,7 @@ def run_child(args: argparse.Namespace) -> None:
     from vprkit.retrieval.search import chunked_search, exact_search
 
     work = Path(args.work)
-    rss_start = _rss_now()
+    rss_start = rss_now()
     t0 = time.perf_counter()
     extra = {}
     if args.child.startswith("positives"):
@@ -80,7 +67,7 @@ def run_child(args: argparse.Namespace) -> None:
             db = np.load(db_path, mmap_mode="r")
             q = np.load(q_path, mmap_mode="r")
             # the budget left for working memory once the interpreter and libraries are in
-            budget = args.budget - _rss_now() - 64 * MIB
+            budget = args.budget - rss_now() - 64 * MIB
             extra["search_budget_mib"] = budget / MIB
             d, i = chunked_search(db, q, args.k, budget)
         else:
@@ -92,7 +79,7 @@ def run_child(args: argparse.Namespace) -> None:
         np.save(work / f"{args.child}_{args.dim}_dist.npy", d)
     print(
         json.dumps(
-            {"seconds": seconds, "peak": _peak_rss(), "rss_start": rss_start, **extra},
+            {"seconds": seconds, "peak": peak_rss(), "rss_start": rss_start, **extra},
         )
     )
 
