@@ -39,6 +39,27 @@ def cli_args(cfg: dict) -> list[str]:
     return args
 
 
+def torchrun_two_steps(method: str, cfg: dict) -> None:
+    """`vprkit train METHOD` for 2 steps in 2 processes (torchrun on a free port)."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "vprkit",
+        "train",
+        method,
+        *cli_args(cfg),
+        "--max_steps",
+        "2",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def final_weights(run_dir):
     return read_checkpoint(run_dir / "last.pth")["state_dict"]
 
@@ -113,23 +134,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_synthetic, tmp_
     # SGD: Adam divides by sqrt(v), which turns ulp-level differences of near-zero
     # gradients into lr-sized steps; SGD keeps them ulp-sized.
     cfg = settings(tiny_synthetic, tmp_path, epochs=1, run_name="ddp", optimizer="sgd")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",  # a free port: no clash with another run's
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "vprkit",
-        "train",
-        "gsv",
-        *cli_args(cfg),
-        "--max_steps",
-        "2",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ})
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_two_steps("gsv", cfg)
     (ddp_dir,) = (tmp_path / "runs" / "ddp").iterdir()
     single, _ = train("gsv", {**cfg, "max_steps": 2, "run_name": "single"})
     assert "(2 processes)" in (ddp_dir / "log.txt").read_text()
@@ -213,22 +218,6 @@ def test_cricavpr_encoder_across_ranks(tiny_synthetic, tmp_path):
         encoder_across_ranks=True,
     )
     del cfg["model"]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",  # a free port: no clash with another run's
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "vprkit",
-        "train",
-        "cricavpr",
-        *cli_args(cfg),
-        "--max_steps",
-        "2",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ})
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_two_steps("cricavpr", cfg)
     (run_dir,) = (tmp_path / "runs" / "across").iterdir()
     assert read_checkpoint(run_dir / "last.pth")["step"] == 2
