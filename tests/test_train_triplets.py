@@ -82,16 +82,14 @@ def test_selavpr_recipe_trains_and_logs_both_losses(tiny_synthetic, tmp_path):
     assert all(float(r["local_loss"]) >= 0 and float(r["triplet_loss"]) >= 0 for r in steps)
     assert len(summary["history"]) == 2
     state = read_checkpoint(run_dir / "last.pth")["state_dict"]
-    frozen = vprkit.create_model("selavpr", **TINY_SELAVPR).state_dict()
+    torch.manual_seed(cfg.get("seed", 0))  # the trainer seeds before building the model
+    start = vprkit.create_model("selavpr", **TINY_SELAVPR).state_dict()
     # Only adapters, GeM p and LocalAdapt train: the backbone's own weights stay put.
-    assert (
-        torch.equal(
-            state["backbone.blocks.0.attn.qkv.weight"], frozen["backbone.blocks.0.attn.qkv.weight"]
-        )
-        is False
-        or True
-    )
-    assert not torch.equal(state["LocalAdapt.upconv1.weight"], frozen["LocalAdapt.upconv1.weight"])
+    changed = {k for k in state if not torch.equal(state[k], start[k])}
+    assert "LocalAdapt.upconv1.weight" in changed
+    assert any("adapter" in k for k in changed)
+    assert "backbone.blocks.0.attn.qkv.weight" not in changed
+    assert all(k.startswith(("LocalAdapt.", "aggregation.")) or "adapter" in k for k in changed)
 
 
 def test_resume_across_refreshes_gives_identical_weights(tiny_synthetic, tmp_path):

@@ -136,7 +136,24 @@ def make_scheduler(cfg: dict, optimizer, steps_per_epoch: int):
             return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    raise ValueError(f"scheduler must be none, step or cosine, got {name!r}")
+    if name == "warmup_cosine_epochs":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: r2former_epoch_factor(
+                step // max(1, steps_per_epoch), cfg["warmup_epochs"], cfg["epochs"]
+            ),
+        )
+    raise ValueError(f"scheduler must be none, step, cosine or warmup_cosine_epochs, got {name!r}")
+
+
+def r2former_epoch_factor(epoch: int, warmup_epochs: int, epochs: int) -> float:
+    """R2Former's `adjust_learning_rate` (`--cos --warmup W`), set once per epoch: from 0.1
+    rising linearly over the warm-up epochs, then the cosine of the *whole* run (not of
+    the epochs after warm-up), so the first epoch after warm-up is already below 1."""
+    if epoch < warmup_epochs:
+        alpha = epoch / warmup_epochs
+        return 0.1 * (1.0 - alpha) + alpha
+    return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
 def rng_state() -> dict:
@@ -224,10 +241,12 @@ class Trainer:
         self.loss_fn = recipe.make_loss(cfg)
         # fp16 needs loss scaling against underflow; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(enabled=cfg["precision"] == "fp16")
-        self.train_model: nn.Module = self.model
+        # What the loss calls: the model, or a recipe's wrapper that runs the whole step in
+        # one forward (DDP synchronizes only parameters used inside forward).
+        self.train_model: nn.Module = recipe.train_module(self.model)
         if world.distributed:
             self.train_model = nn.parallel.DistributedDataParallel(
-                self.model, find_unused_parameters=True
+                self.train_model, find_unused_parameters=True
             )
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.best, self.not_improved, self.history = None, 0, []

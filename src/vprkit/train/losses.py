@@ -79,3 +79,49 @@ class TripletLoss:
         local_loss = local_loss / (batch * negs)
         figures["local_loss"] = float(local_loss.detach())
         return global_loss + self.local_weight * local_loss, figures
+
+
+class R2FormerLoss:
+    """`train_reranker.py`'s loss. Per negative n: the triplet loss (sum over the batch) when
+    `triplet`, and when `rerank` the cross-entropy (mean) of the re-ranker's logits over the
+    batch's (query, positive) pairs, labelled 1, and (query, negative n) pairs, labelled 0;
+    the total is divided by batch x negatives.
+
+    Quirk kept: the cross-entropy is already a mean, so that division scales it by a further
+    1 / batch. `global_batch_size` is the batch over all processes: under DDP each process
+    sees a slice, and dividing its term by the global batch keeps the gradient the
+    single-process one (the triplet term is a per-triplet mean either way)."""
+
+    def __init__(self, margin: float, triplet: bool, rerank: bool, global_batch_size: int) -> None:
+        self.triplet = TripletLoss(margin) if triplet else None
+        self.rerank = rerank
+        self.global_batch_size = global_batch_size
+
+    def __call__(
+        self, global_desc: Tensor, logits: Tensor | None, negs: int
+    ) -> tuple[Tensor, dict[str, float]]:
+        from vprkit.models.outputs import DescriptorOutput
+
+        loss, figures = global_desc.new_zeros(()), {}
+        if self.triplet is not None:
+            loss, figures = self.triplet(DescriptorOutput(global_desc=global_desc), negs)
+        if not self.rerank:
+            return loss, figures
+        if logits is None:
+            raise ValueError("the re-ranking loss needs the re-ranker's logits")
+        logits = logits.float()  # (batch, 1 + negs, classes): positive pair, then negatives
+        batch = logits.shape[0]
+        target = torch.cat(
+            [torch.ones(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long)]
+        ).to(logits.device)
+        ce = [
+            torch.nn.functional.cross_entropy(torch.cat([logits[:, 0], logits[:, 1 + n]]), target)
+            for n in range(negs)
+        ]
+        loss = loss + sum(ce) / (self.global_batch_size * negs)
+        with torch.no_grad():
+            same = logits.argmax(dim=2) == 1
+            correct = torch.cat([same[:, :1], ~same[:, 1:]], dim=1)
+        figures["rerank_ce"] = float(sum(ce).detach()) / negs
+        figures["rerank_accuracy"] = float(correct.float().mean())
+        return loss, figures

@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from vprkit.data.augment import TrainTransform
+from vprkit.models.r2former import TRAIN_ONLY as R2FORMER_TRAIN_ONLY
 from vprkit.models.registry import create_model
 from vprkit.train.distributed import World, gather, gather_with_grad
-from vprkit.train.losses import MultiSimilarity, TripletLoss
+from vprkit.train.losses import MultiSimilarity, R2FormerLoss, TripletLoss
 from vprkit.train.sources import LoaderSource, TripletSource
 
 # Settings every recipe has; a recipe's defaults extend or override them.
@@ -30,7 +31,7 @@ COMMON_DEFAULTS: dict = {
     "lr": 1e-4,
     "weight_decay": 0.0,
     "momentum": 0.9,
-    "scheduler": "none",  # none | step | cosine
+    "scheduler": "none",  # none | step | cosine | warmup_cosine_epochs
     "step_size_epochs": 3,
     "gamma": 0.5,
     "warmup_epochs": 0,
@@ -110,6 +111,11 @@ class Recipe:
     def build_data(self, cfg: dict, world: World, model: nn.Module):
         """(a batch source from `vprkit.train.sources`, a description for the log)."""
         raise NotImplementedError
+
+    def train_module(self, model: nn.Module) -> nn.Module:
+        """What `loss` calls (and DDP wraps): the model itself unless a recipe needs more
+        than the model's forward in one step."""
+        return model
 
     def make_loss(self, cfg: dict):
         raise NotImplementedError
@@ -237,6 +243,62 @@ class TripletRecipe(Recipe):
         return loss_fn(out, cfg["negs_num_per_query"])
 
 
+class R2FormerPairs(nn.Module):
+    """R2Former's training step in one forward: descriptors and tokens of a triplet batch,
+    then the re-ranker's logits of every (query, positive) and (query, negative) pair, as
+    `train_reranker.py` computes them per negative (the positive pair once here: the
+    re-ranker scores each pair independently, so the values are the same)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, negs: int, rerank: bool):
+        out = self.model(images, local=rerank)
+        if not rerank:
+            return out.global_desc, None
+        group = 2 + negs
+        desc = out.global_desc.view(-1, group, out.global_desc.shape[1])
+        tokens = out.local_tokens.view(-1, group, *out.local_tokens.shape[1:])
+        others = 1 + negs  # positive, then each negative
+        q_desc = desc[:, :1].expand(-1, others, -1).flatten(0, 1)
+        q_tokens = tokens[:, :1].expand(-1, others, -1, -1).flatten(0, 1)
+        logits, _ = self.model.Reranker(
+            q_desc, q_tokens, desc[:, 1:].flatten(0, 1), tokens[:, 1:].flatten(0, 1)
+        )
+        return out.global_desc, logits.view(-1, others, logits.shape[1])
+
+
+class R2FormerRecipe(TripletRecipe):
+    """R2Former's three phases on VG-benchmark triplets (SPEC §3.5): `triplet_loss` on the
+    global descriptors and/or `rerank_loss`, the re-ranker's 2-class cross-entropy."""
+
+    def build_model(self, cfg: dict) -> nn.Module:
+        if cfg["rerank_loss"] and not cfg["triplet_loss"] and not cfg["init_weights"]:
+            raise ValueError(
+                f"recipe {self.name!r} trains the re-ranker on a frozen global model: set "
+                "init_weights=<a trained global model> (a `vprkit train r2former` best.pth, "
+                "or the official msls_v2_deits.pth)"
+            )
+        if not (cfg["rerank_loss"] or cfg["triplet_loss"]):
+            raise ValueError("set triplet_loss=True, rerank_loss=True or both")
+        return super().build_model(cfg)
+
+    def train_module(self, model: nn.Module) -> nn.Module:
+        return R2FormerPairs(model)
+
+    def make_loss(self, cfg: dict) -> R2FormerLoss:
+        return R2FormerLoss(
+            cfg["margin"], cfg["triplet_loss"], cfg["rerank_loss"], cfg["train_batch_size"]
+        )
+
+    def loss(self, model, batch, cfg, world, loss_fn):
+        images, _ = batch
+        negs = cfg["negs_num_per_query"]
+        global_desc, logits = model(images.to(cfg["device"]), negs, cfg["rerank_loss"])
+        return loss_fn(global_desc, logits, negs)
+
+
 GSV_DEFAULTS = {
     "gsv_root": None,
     "cities": None,
@@ -320,6 +382,86 @@ RECIPES: dict[str, Recipe] = {
         },
     ),
 }
+
+
+# R2Former's `train_deit.py` / `train_reranker.py` settings shared by its three phases.
+R2FORMER_DEFAULTS = {
+    **TRIPLET_DEFAULTS,
+    "model": "r2former",
+    "image_size": [480, 640],
+    "margin": 0.1,
+    "queries_per_epoch": 50000,
+    "cache_refresh_rate": 10000,
+    "recall_values": [1, 5, 10, 20, 100],
+    "triplet_loss": True,
+    "rerank_loss": False,
+}
+
+# `train_reranker.py` phases: AdamW (weight decay 0.03 hard-coded there), `--cos --warmup 5`
+# set per epoch, checkpoints chosen by re-ranked R@1 (`--save_best 0`) over the top 100.
+R2FORMER_RERANK_TRAINING = {
+    "optimizer": "adamw",
+    "weight_decay": 0.03,
+    "scheduler": "warmup_cosine_epochs",
+    "warmup_epochs": 5,
+    "val_rerank_num": 100,
+    "save_best": "R@1",
+    "rerank_loss": True,
+}
+
+RECIPES["r2former"] = R2FormerRecipe(
+    "r2former",
+    "R2Former phase 1, global retrieval (SPEC §3.5, train_global_retrieval.sh): DeiT-S at "
+    "480x640, 16 x (query, positive, 2 negatives), partial mining, triplet margin 0.1, Adam "
+    "1e-5, 50,000 queries per epoch, patience 10 on R@5",
+    {
+        **R2FORMER_DEFAULTS,
+        "train_only": ["backbone.*"],  # train_deit.py's model has no re-ranker
+        "optimizer": "adam",
+        "lr": 1e-5,
+        "train_batch_size": 16,
+        "negs_num_per_query": 2,
+        "epochs": 100,
+        "patience": 10,
+        "save_best": "R@5",
+    },
+)
+RECIPES["r2former_rerank"] = R2FormerRecipe(
+    "r2former_rerank",
+    "R2Former phase 2, the re-ranker on the frozen global model (train_reranking.sh line 1): "
+    "negatives drawn from the top 100 of a `vprkit mine` file (set hard_negatives_file and "
+    "init_weights), 64 x (query, positive, 1 negative), cross-entropy, only local_head and "
+    "Reranker train, AdamW 5e-4, per-epoch cosine with 5 warm-up epochs, 50 epochs",
+    {
+        **R2FORMER_DEFAULTS,
+        **R2FORMER_RERANK_TRAINING,
+        "train_only": list(R2FORMER_TRAIN_ONLY),
+        "triplet_loss": False,
+        "mining": "precomputed",
+        "neg_hardness": 100,
+        "lr": 5e-4,
+        "train_batch_size": 64,
+        "negs_num_per_query": 1,
+        "epochs": 50,
+        "patience": 25,
+    },
+)
+RECIPES["r2former_joint"] = R2FormerRecipe(
+    "r2former_joint",
+    "R2Former phase 3, joint fine-tuning (train_reranking.sh line 2): triplet + "
+    "cross-entropy, everything trains, 48 x (query, positive, 2 negatives), partial mining, "
+    "AdamW 1e-5, per-epoch cosine with 5 warm-up epochs, 20 epochs (set init_weights to "
+    "phase 2's best.pth; model_options={'finetune': True} for the official --finetune 1)",
+    {
+        **R2FORMER_DEFAULTS,
+        **R2FORMER_RERANK_TRAINING,
+        "lr": 1e-5,
+        "train_batch_size": 48,
+        "negs_num_per_query": 2,
+        "epochs": 20,
+        "patience": 50,
+    },
+)
 
 
 def get_recipe(name: str) -> Recipe:
