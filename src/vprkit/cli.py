@@ -18,6 +18,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("vprkit.evaluate", "evaluate a model on a benchmark: Recall@N, results, pictures"),
     "train": ("vprkit.train.loop", "train a method (one loop; torchrun for several processes)"),
     "synth": ("vprkit.data.synthetic", "generate synthetic places (GSV-Cities and VG formats)"),
+    "mine": ("vprkit.mine", "pre-compute hard negatives for training (R2Former's file)"),
 }
 
 
