@@ -230,3 +230,77 @@ def test_phase3_both_losses_go_down_and_everything_trains(tmp_path):
     assert history[-1]["rerank_ce"] < 0.5 * history[0]["rerank_ce"]
     assert any(k.startswith("backbone.") for k in changed)
     assert any(k.startswith("Reranker.") for k in changed)
+
+
+# ---------------------------------------------------------------- the user's workflow
+
+
+def test_three_phases_chain_through_the_real_loop(tiny_synthetic, tmp_path):
+    """Phase 1, `vprkit mine` with its best model, phase 2 from it on the mined file,
+    phase 3 from phase 2: each through `vprkit train`'s loop with validation."""
+    import csv
+
+    from vprkit.cli import main
+    from vprkit.train.loop import train
+    from vprkit.weights import read_checkpoint
+
+    vg = str(tiny_synthetic / "vg" / "synthetic")
+    common = {
+        "train_dataset_folder": vg,
+        "train_split": "val",  # the synthetic city has no VG train split: its val streets
+        "val_dataset_folder": vg,
+        "val_split": "test",
+        "model_options": TINY,
+        "image_size": [SIZE, SIZE],
+        "queries_per_epoch": 16,
+        "cache_refresh_rate": 16,
+        "neg_samples_num": 40,
+        "train_batch_size": 4,
+        "lr": 1e-3,
+        "epochs": 2,
+        "num_workers": 0,
+        "infer_batch_size": 32,
+        "save_dir": str(tmp_path / "runs"),
+    }
+    phase1, summary1 = train("r2former", {**common, "run_name": "global"})
+    assert len(summary1["history"]) == 2
+
+    hard = tmp_path / "hard_negatives.npy"
+    options = [f"{k}={v!r}".replace(" ", "") for k, v in TINY.items()]
+    main(
+        ["mine", "--weights", str(phase1 / "best.pth"), "--dataset_folder", vg]
+        + ["--split", "val", "--image_size", str(SIZE), str(SIZE), "--out", str(hard)]
+        + [arg for option in options for arg in ("--model_option", option)]
+        + ["--candidates", "30", "--keep", "20", "--num_workers", "0"]
+    )
+    phase2, summary2 = train(
+        "r2former_rerank",
+        {
+            **common,
+            "init_weights": str(phase1 / "best.pth"),
+            "hard_negatives_file": str(hard),
+            "val_rerank_num": 10,
+            "run_name": "rerank",
+        },
+    )
+    rows = list(csv.DictReader(open(phase2 / "train_log.csv")))
+    assert len(rows) == 2 * 4 and all(float(r["rerank_ce"]) > 0 for r in rows)
+    assert "triplet_loss" not in rows[0]
+    start = read_checkpoint(phase1 / "best.pth")["state_dict"]
+    after = read_checkpoint(phase2 / "last.pth")["state_dict"]
+    trained = {k for k in start if not torch.equal(start[k], after[k])}
+    # The global model is frozen; local_head and the re-ranker train.
+    assert trained and all(k.startswith(("local_head.", "Reranker.")) for k in trained)
+    assert len(summary2["history"]) == 2 and "R@1" in summary2["history"][0]
+
+    phase3, _ = train(
+        "r2former_joint",
+        {
+            **common,
+            "init_weights": str(phase2 / "best.pth"),
+            "val_rerank_num": 10,
+            "run_name": "joint",
+        },
+    )
+    rows = list(csv.DictReader(open(phase3 / "train_log.csv")))
+    assert all(float(r["rerank_ce"]) > 0 and float(r["triplet_loss"]) >= 0 for r in rows)
