@@ -304,3 +304,32 @@ def test_three_phases_chain_through_the_real_loop(tiny_synthetic, tmp_path):
     )
     rows = list(csv.DictReader(open(phase3 / "train_log.csv")))
     assert all(float(r["rerank_ce"]) > 0 and float(r["triplet_loss"]) >= 0 for r in rows)
+
+
+def test_joint_phase_under_torchrun_matches_one_process(tiny_synthetic, tmp_path):
+    # The whole step (descriptors, tokens, re-ranker) runs inside DDP's forward, and each
+    # slice's cross-entropy is divided by the global batch: 2 processes = 1 process.
+    from test_train import assert_same_weights, final_weights, torchrun_two_steps
+
+    from vprkit.train.loop import train
+
+    cfg = {
+        "train_dataset_folder": str(tiny_synthetic / "vg" / "synthetic"),
+        "train_split": "val",
+        "model_options": TINY,
+        "image_size": [SIZE, SIZE],
+        "queries_per_epoch": 8,
+        "cache_refresh_rate": 8,
+        "neg_samples_num": 40,
+        "train_batch_size": 4,
+        "optimizer": "sgd",  # see test_train: Adam magnifies ulp-level differences
+        "lr": 1e-2,
+        "num_workers": 0,
+        "save_dir": str(tmp_path / "runs"),
+        "run_name": "ddp",
+    }
+    torchrun_two_steps("r2former_joint", cfg)
+    (ddp_dir,) = (tmp_path / "runs" / "ddp").iterdir()
+    single, _ = train("r2former_joint", {**cfg, "max_steps": 2, "run_name": "single"})
+    assert "(2 processes)" in (ddp_dir / "log.txt").read_text()
+    assert_same_weights(final_weights(single), final_weights(ddp_dir), atol=1e-5)
