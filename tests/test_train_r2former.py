@@ -333,3 +333,20 @@ def test_joint_phase_under_torchrun_matches_one_process(tiny_synthetic, tmp_path
     single, _ = train("r2former_joint", {**cfg, "max_steps": 2, "run_name": "single"})
     assert "(2 processes)" in (ddp_dir / "log.txt").read_text()
     assert_same_weights(final_weights(single), final_weights(ddp_dir), atol=1e-5)
+
+
+def test_a_run_from_random_weights_is_warned():
+    import logging
+
+    recipe = get_recipe("r2former")
+    cfg = resolve_config(recipe, {}, {"model_options": TINY})
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("vprkit.train")
+    logger.addHandler(handler)
+    try:
+        recipe.build_model(cfg)
+    finally:
+        logger.removeHandler(handler)
+    assert any("deit_small_distilled_patch16_224" in r.getMessage() for r in records)

@@ -8,6 +8,7 @@ a config file or the command line.
 from __future__ import annotations
 
 import fnmatch
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,8 @@ from vprkit.models.registry import create_model
 from vprkit.train.distributed import World, gather, gather_with_grad
 from vprkit.train.losses import MultiSimilarity, R2FormerLoss, TripletLoss
 from vprkit.train.sources import LoaderSource, TripletSource
+
+log = logging.getLogger("vprkit.train")
 
 # Settings every recipe has; a recipe's defaults extend or override them.
 COMMON_DEFAULTS: dict = {
@@ -99,6 +102,8 @@ class Recipe:
     name: str
     description: str
     defaults: dict
+    # The weights the official run starts from; a run without init_weights is warned.
+    official_init: str | None = None
 
     def config_defaults(self) -> dict:
         return {**COMMON_DEFAULTS, **self.defaults}
@@ -106,6 +111,14 @@ class Recipe:
     def build_model(self, cfg: dict) -> nn.Module:
         if not cfg["model"]:
             raise ValueError(f"recipe {self.name!r} needs a model: set model=<registered name>")
+        if self.official_init and not cfg["init_weights"]:
+            log.warning(
+                "recipe %s: starting from random weights; the official run starts from %s "
+                "(init_weights=%s)",
+                self.name,
+                self.official_init,
+                self.official_init,
+            )
         return create_model(cfg["model"], weights=cfg["init_weights"], **cfg["model_options"])
 
     def build_data(self, cfg: dict, world: World, model: nn.Module):
@@ -278,7 +291,7 @@ class R2FormerRecipe(TripletRecipe):
             raise ValueError(
                 f"recipe {self.name!r} trains the re-ranker on a frozen global model: set "
                 "init_weights=<a trained global model> (a `vprkit train r2former` best.pth, "
-                "or the official msls_v2_deits.pth)"
+                "or init_weights=r2former_global_msls, the official msls_v2_deits.pth)"
             )
         if not (cfg["rerank_loss"] or cfg["triplet_loss"]):
             raise ValueError("set triplet_loss=True, rerank_loss=True or both")
@@ -357,6 +370,7 @@ RECIPES: dict[str, Recipe] = {
             "epochs": 10,
             "save_best": "R@5",
         },
+        official_init="dinov2_vitb14",
     ),
     "triplet": TripletRecipe(
         "triplet",
@@ -380,6 +394,7 @@ RECIPES: dict[str, Recipe] = {
             "save_best": "R@5",
             "val_rerank_num": 100,  # checkpoints are selected by re-ranked R@5
         },
+        official_init="dinov2_vitl14",
     ),
 }
 
@@ -425,6 +440,7 @@ RECIPES["r2former"] = R2FormerRecipe(
         "patience": 10,
         "save_best": "R@5",
     },
+    official_init="deit_small_distilled_patch16_224",
 )
 RECIPES["r2former_rerank"] = R2FormerRecipe(
     "r2former_rerank",
