@@ -337,7 +337,7 @@ def test_missing_dataset_folder(tmp_path):
 
 @pytest.mark.usefixtures("no_model")
 def test_dataset_folder_without_a_train_split(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No database/ and queries/ folders"):
+    with pytest.raises(FileNotFoundError, match="neither a Mapillary SLS root .* nor a VG dataset"):
         cli_main(mine_args(tmp_path, tmp_path / "hn.npy"))
 
 

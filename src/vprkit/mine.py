@@ -30,7 +30,7 @@ import torch
 
 from vprkit.atomic import save_npy, write_text
 from vprkit.data.images import Preprocess
-from vprkit.data.triplets import TripletData
+from vprkit.data.triplets import TripletData, load_triplet_data
 from vprkit.evaluate import _parse_option, make_preprocess
 from vprkit.extract import PRECISIONS, extract_global_descriptors
 from vprkit.models.registry import create_model, list_models
@@ -153,9 +153,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data = parser.add_argument_group("data")
     data.add_argument(
-        "--dataset_folder", "--dataset-folder", type=Path, required=True, help="VG-format dataset"
+        "--dataset_folder",
+        "--dataset-folder",
+        type=Path,
+        required=True,
+        help="VG-format dataset or Mapillary SLS root",
     )
-    data.add_argument("--split", default="train", help="VG layout split")
+    data.add_argument("--split", default="train", help="VG layout split (MSLS: train)")
+    data.add_argument(
+        "--msls_cities",
+        "--msls-cities",
+        help="MSLS: comma-separated train cities (default: the official 22)",
+    )
     data.add_argument(
         "--positive_radius",
         "--positive-radius",
@@ -268,11 +277,12 @@ def mine(args: argparse.Namespace) -> np.ndarray:
     """`vprkit mine` without the logging setup: checks, mines, writes; returns the table."""
     _check_args(args)
     out = Path(os.path.abspath(args.out))
-    data = TripletData.from_folder(
+    data = load_triplet_data(
         args.dataset_folder,
-        split=args.split,
+        args.split,
         train_positives_dist_threshold=args.positive_radius,
         val_positive_dist_threshold=args.non_negative_radius,
+        msls_cities=args.msls_cities,
     )
     log.info(
         "vprkit mine: %s, %d database images, %d training queries (%d without a database "
@@ -327,6 +337,7 @@ def mine(args: argparse.Namespace) -> np.ndarray:
         "weights": None if args.weights is None else str(args.weights),
         "dataset_folder": str(Path(os.path.abspath(args.dataset_folder))),
         "split": args.split,
+        "msls_cities": args.msls_cities,
         "num_queries": data.num_queries,
         "num_dropped_queries": data.num_dropped_queries,
         "num_database": data.num_database,

@@ -1,5 +1,9 @@
 """Triplet training on a VG-format train split: positives, negative mining, triplets dataset.
 
+:func:`load_triplet_data` also reads a Mapillary SLS root: its training lists come from
+:func:`vprkit.data.msls.read_msls_train` (positives and non-negatives per city, as the official
+MSLS code computes them) and everything below works on them unchanged.
+
 The mining follows gmberton's deep-visual-geo-localization-benchmark (``datasets_ws.py``,
 ``TripletsDataset``), which SelaVPR uses unchanged and R2Former extends (SPEC 2.4, 3.5):
 
@@ -42,8 +46,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vprkit.data.datasets import PlaceDataset, read_vg_dataset
+from vprkit.data.datasets import PlaceDataset, _find_vg_split, read_vg_dataset
 from vprkit.data.images import Preprocess, load_image, normalize, to_tensor
+from vprkit.data.msls import MSLSTrainIndex, read_msls_train
 from vprkit.retrieval.ground_truth import positives_within_radius
 
 __all__ = [
@@ -54,6 +59,7 @@ __all__ = [
     "TripletsDataset",
     "collate_triplets",
     "load_hard_negatives",
+    "load_triplet_data",
     "local_triplet_indices",
     "model_feature_fn",
 ]
@@ -176,6 +182,61 @@ class TripletData:
             val_positive_dist_threshold=val_positive_dist_threshold,
         )
 
+    @classmethod
+    def from_msls(cls, index: MSLSTrainIndex) -> TripletData:
+        """Wrap the MSLS training lists of :func:`vprkit.data.msls.read_msls_train`.
+
+        ``hard_positives`` are the index's ``positives`` and ``soft_positives`` its
+        ``non_negatives``, taken as they are: the index computed them city by city, as the
+        official MSLS code does, whereas recomputing them from the UTM coordinates here would
+        pair images of different cities (each city is in its own UTM zone). The index already
+        dropped the queries without a positive, so every query of ``dataset`` is kept
+        (``query_ids`` is ``0..n-1``) and ``num_dropped_queries`` counts the dropped keys.
+        ``dataset.positives`` holds the non-negatives (the ground truth within
+        ``non_negative_radius``), so nothing downstream falls back to comparing UTM
+        coordinates across cities.
+        """
+        if not isinstance(index, MSLSTrainIndex):
+            raise TypeError(f"index must be an MSLSTrainIndex, got {type(index).__name__}")
+        if index.num_database == 0 or index.num_queries == 0:
+            raise ValueError(
+                f"MSLS {index.root} (cities {', '.join(index.cities) or 'none'}): no training "
+                f"query with a positive within {index.positive_radius:g} m "
+                f"({index.num_queries} queries, {index.num_database} database images)"
+            )
+        n = index.num_queries
+        if len(index.positives) != n or len(index.non_negatives) != n:
+            raise ValueError(
+                f"MSLS index: {len(index.positives)} positive and {len(index.non_negatives)} "
+                f"non-negative lists for {n} queries"
+            )
+        if not index.positive_radius <= index.non_negative_radius:
+            # A positive outside the non-negatives could also be drawn as a negative.
+            raise ValueError(
+                "MSLS index: need positive_radius <= non_negative_radius, got "
+                f"{index.positive_radius} and {index.non_negative_radius}"
+            )
+        soft = [np.asarray(s, dtype=np.int64) for s in index.non_negatives]
+        dataset = PlaceDataset(
+            name="msls_train",
+            root=index.root,
+            database_paths=index.database_paths,
+            query_paths=index.query_paths,
+            database_utm=index.database_utm,
+            query_utm=index.query_utm,
+            positives=soft,
+            layout="msls",
+        )
+        return cls(
+            dataset=dataset,
+            query_ids=np.arange(n, dtype=np.int64),
+            hard_positives=[np.asarray(h, dtype=np.int64) for h in index.positives],
+            soft_positives=soft,
+            train_positives_dist_threshold=float(index.positive_radius),
+            val_positive_dist_threshold=float(index.non_negative_radius),
+            num_dropped_queries=len(index.dropped_query_keys),
+        )
+
     @property
     def num_queries(self) -> int:
         """Kept queries (those with a hard-positive candidate)."""
@@ -190,6 +251,86 @@ class TripletData:
             f"TripletData({self.dataset.name!r}, #database={self.num_database}, "
             f"#queries={self.num_queries}, dropped={self.num_dropped_queries})"
         )
+
+
+def _is_msls_root(folder: Path) -> bool:
+    # The same check as evaluate.read_dataset: an MSLS root holds train_val/<city>/.
+    return (folder / "train_val").is_dir()
+
+
+def load_triplet_data(
+    folder: str | os.PathLike,
+    split: str = "train",
+    *,
+    train_positives_dist_threshold: float = 10.0,
+    val_positive_dist_threshold: float = 25.0,
+    msls_cities: str | Sequence[str] | None = None,
+) -> TripletData:
+    """The training split of ``folder``, a Mapillary SLS root or a VG-format dataset.
+
+    An MSLS root (``<folder>/train_val/``) is read with :func:`read_msls_train` (cities
+    ``msls_cities``, default the 22 official train cities; positives within
+    ``train_positives_dist_threshold``, non-negatives within ``val_positive_dist_threshold``)
+    and wrapped by :meth:`TripletData.from_msls`; ``split`` must then be ``"train"``.
+    Anything else is read as a VG split by :meth:`TripletData.from_folder`.
+    """
+    path = Path(os.path.abspath(folder))
+    if not path.is_dir():
+        raise FileNotFoundError(f"Folder {path} does not exist")
+    if _is_msls_root(path):
+        if split != "train":
+            raise ValueError(
+                f"{path} is a Mapillary SLS root: triplet training reads its train cities, "
+                f"so split must be 'train', got {split!r} (validate with read_msls(root, 'val') "
+                "or `vprkit eval`)"
+            )
+        train_thr = float(train_positives_dist_threshold)
+        val_thr = float(val_positive_dist_threshold)
+        index = read_msls_train(
+            path,
+            cities=msls_cities,
+            positive_radius=train_thr,
+            non_negative_radius=val_thr,
+            # Unused here, but read_msls_train needs it >= the non-negative radius.
+            hard_non_negative_radius=max(50.0, val_thr),
+        )
+        data = TripletData.from_msls(index)
+        logger.info(
+            "training data: Mapillary SLS layout at %s, cities %s: %d queries (%d dropped "
+            "without a positive within %g m), %d database images",
+            path,
+            ", ".join(index.cities),
+            data.num_queries,
+            data.num_dropped_queries,
+            train_thr,
+            data.num_database,
+        )
+        return data
+    if msls_cities is not None:
+        raise ValueError(f"msls_cities was given but {path} is not an MSLS root (no train_val/)")
+    if _find_vg_split(path, split, "database", "queries") is None:
+        raise FileNotFoundError(
+            f"{path}: no training data found: neither a Mapillary SLS root "
+            f"(<root>/train_val/<city>/{{query,database}}/) nor a VG dataset "
+            f"(<dataset>/images/{split}/{{database,queries}}/)"
+        )
+    data = TripletData.from_folder(
+        path,
+        split,
+        train_positives_dist_threshold=train_positives_dist_threshold,
+        val_positive_dist_threshold=val_positive_dist_threshold,
+    )
+    logger.info(
+        "training data: VG layout at %s (split %s): %d queries (%d dropped without a database "
+        "image within %g m), %d database images",
+        data.dataset.root,
+        split,
+        data.num_queries,
+        data.num_dropped_queries,
+        data.train_positives_dist_threshold,
+        data.num_database,
+    )
+    return data
 
 
 # ---------------------------------------------------------------------------------------

@@ -194,19 +194,22 @@ class TripletRecipe(Recipe):
     def build_data(self, cfg: dict, world: World, model: nn.Module):
         from vprkit.data.images import Preprocess
         from vprkit.data.triplets import (
-            TripletData,
             TripletsDataset,
             collate_triplets,
+            load_triplet_data,
             model_feature_fn,
         )
 
         if not cfg.get("train_dataset_folder"):
-            raise ValueError(f"recipe {self.name!r} needs train_dataset_folder=<VG dataset>")
-        data = TripletData.from_folder(
+            raise ValueError(
+                f"recipe {self.name!r} needs train_dataset_folder=<VG dataset or MSLS root>"
+            )
+        data = load_triplet_data(
             cfg["train_dataset_folder"],
-            split=cfg["train_split"],
+            cfg["train_split"],
             train_positives_dist_threshold=cfg["train_positives_dist_threshold"],
             val_positive_dist_threshold=cfg["positive_dist_threshold"],
+            msls_cities=cfg["msls_cities"],
         )
         transform = TrainTransform(
             image_size=tuple(cfg["image_size"]),
@@ -330,8 +333,9 @@ GSV_DEFAULTS = {
 }
 
 TRIPLET_DEFAULTS = {
-    "train_dataset_folder": None,
+    "train_dataset_folder": None,  # a VG-format dataset or a Mapillary SLS root
     "train_split": "train",
+    "msls_cities": None,  # MSLS: the train cities to read (default: the official 22)
     "train_positives_dist_threshold": 10.0,
     "mining": "partial",
     "negs_num_per_query": 2,
