@@ -8,12 +8,27 @@ is removed and an existing target is left as it was.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
+
+
+def _new_file_beside(path: Path) -> Path:
+    """Create an empty, new `<name>.<random>.tmp` beside `path`. Its permissions are those
+    `open()` would give (0o666 less the umask), not mkstemp's 0o600, so the renamed file is
+    as readable as one written directly."""
+    for _ in range(100):
+        tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 @contextmanager
@@ -21,14 +36,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside `path` to write to; renamed to `path` when the block
     ends without error, deleted otherwise. The parent folder must exist."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _new_file_beside(path)
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException:
+        with suppress(OSError):  # never hide the error that got us here
+            tmp.unlink()
+        raise
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:

@@ -8,8 +8,6 @@ for models whose descriptors depend on the batch (CricaVPR).
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from vprkit.atomic import atomic_path, save_npy
 from vprkit.data.images import ImageListDataset, Preprocess
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -80,12 +79,6 @@ def extract_global_descriptors(
     return descriptors
 
 
-def _atomic_path(path: Path):
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def save_descriptors(
     descriptors: np.ndarray, names: Sequence[str], npy_path: Path, h5_path: Path
 ) -> None:
@@ -97,16 +90,7 @@ def save_descriptors(
         raise ValueError(f"{len(names)} names for {len(descriptors)} descriptors")
     for path in (npy_path, h5_path):
         path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_path(npy_path)
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, descriptors)
-        os.replace(tmp, npy_path)
-        tmp = _atomic_path(h5_path)
-        with h5py.File(tmp, "w") as f:
-            for name, desc in zip(names, descriptors, strict=True):
-                f.create_group(name).create_dataset("global_descriptor", data=desc)
-        os.replace(tmp, h5_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    save_npy(npy_path, descriptors)
+    with atomic_path(h5_path) as tmp, h5py.File(tmp, "w") as f:
+        for name, desc in zip(names, descriptors, strict=True):
+            f.create_group(name).create_dataset("global_descriptor", data=desc)

@@ -15,14 +15,14 @@ Nothing is unpickled beyond tensors, containers and the few NumPy types those ch
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from vprkit.atomic import atomic_path
 
 VPRKIT_FORMAT_VERSION = 1
 
@@ -173,12 +173,6 @@ def save_checkpoint(model: nn.Module, path: str | Path, **extra: Any) -> Path:
         "state_dict": model.state_dict(),
         **extra,
     }
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -44,13 +44,13 @@ the sizes and modification times of the CSVs and image folders it was built from
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import logging
 import math
 import os
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from vprkit.atomic import atomic_path
 from vprkit.data.datasets import PlaceDataset
 from vprkit.retrieval.ground_truth import positives_within_radius
 
@@ -624,22 +625,18 @@ def _load_cache(path: Path, params: dict[str, Any], fingerprint: list) -> dict |
 
 
 def _save_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    except OSError as e:
-        logger.warning("cannot write the MSLS cache in %s (%s); continuing without", path.parent, e)
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
-        os.replace(tmp, path)
-    except BaseException:
+    with contextlib.ExitStack() as stack:
+        # A folder we cannot write to only costs the cache; an error while writing is raised.
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = stack.enter_context(atomic_path(path))
+        except OSError as e:
+            logger.warning(
+                "cannot write the MSLS cache in %s (%s); continuing without", path.parent, e
+            )
+            return
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
     logger.info("MSLS index cached in %s", path)
 
 
@@ -1061,16 +1058,7 @@ def write_submission(
     path = Path(os.path.abspath(path))
     if not path.parent.is_dir():
         raise FileNotFoundError(f"Folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for key, row in zip(qkeys, preds.tolist(), strict=True):
-                f.write(" ".join([key, *(dbkeys[j] for j in row)]) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for key, row in zip(qkeys, preds.tolist(), strict=True):
+            f.write(" ".join([key, *(dbkeys[j] for j in row)]) + "\n")
     return path

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
+from vprkit.atomic import atomic_path, write_text
 from vprkit.data.gsv_cities import GSV_COLUMNS, gsv_image_name
 
 FORMAT_VERSION = 1
@@ -1631,9 +1632,10 @@ def parse_vg_utm(name: str) -> tuple[float, float]:
 def _write_jpeg(path: Path, image: np.ndarray, quality: int) -> None:
     """Atomic write; no EXIF or timestamps, fixed encoder settings, so bytes are reproducible."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(image).save(tmp, format="JPEG", quality=quality, subsampling=0, optimize=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(
+            tmp, format="JPEG", quality=quality, subsampling=0, optimize=False
+        )
 
 
 def _render_task(task: Task, cfg: SynthConfig, root: Path) -> dict[str, Any]:
@@ -1704,9 +1706,7 @@ def _render_chunk(chunk: list[Task], cfg: SynthConfig, root: Path) -> list[dict[
 
 def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def _write_gsv_csv(root: Path, cfg: SynthConfig, records: list[dict[str, Any]]) -> None:

@@ -17,8 +17,6 @@ i.e. what ``faiss.IndexFlatL2`` returns up to its own rounding.
 from __future__ import annotations
 
 import mmap
-import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +24,8 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+
+from vprkit.atomic import atomic_path
 
 __all__ = [
     "PCAProjection",
@@ -514,19 +514,13 @@ class PCAProjection:
     def save(self, path: str | Path) -> None:
         """Write to ``path`` (.npz), atomically: a temporary file renamed into place."""
         path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    mean=self.mean,
-                    components=self.components,
-                    explained_variance=self.explained_variance,
-                )
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: no .npz added
+            np.savez(
+                f,
+                mean=self.mean,
+                components=self.components,
+                explained_variance=self.explained_variance,
+            )
 
 
 def load_pca(path: str | Path) -> PCAProjection:
