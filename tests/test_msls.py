@@ -18,6 +18,7 @@ from vprkit.data.datasets import PlaceDataset
 from vprkit.data.msls import (
     MSLS_CITIES,
     MSLSDataset,
+    is_msls_root,
     latlon_to_utm,
     read_msls,
     read_msls_train,
@@ -595,3 +596,11 @@ def test_eval_reads_msls_and_writes_the_challenge_files(root: Path, tmp_path: Pa
     assert [line.split()[0] for line in lines] == list(test.query_keys)
     assert all(set(line.split()[1:]) <= set(test.database_keys) for line in lines)
     assert not (run / "recalls.json").read_text().count("R@1")  # no coordinates, no recall
+
+
+def test_training_validates_on_the_official_val_set(root: Path) -> None:
+    from vprkit.train.loop import load_validation_set
+
+    ds = load_validation_set(root, "val")
+    assert ds.name == "msls_val" and as_names(ds.query_keys) == ["q0", "q1", "q5", "q6", "r0"]
+    assert is_msls_root(root) and not is_msls_root(root / "train_val")

@@ -208,13 +208,13 @@ def read_dataset(args: argparse.Namespace) -> PlaceDataset:
     if args.dataset_folder is not None:
         if args.database_folder or args.queries_folder:
             raise ValueError("give either --dataset_folder or --database_folder/--queries_folder")
+        from vprkit.data.msls import is_msls_root, read_msls
+
         if (
-            (Path(args.dataset_folder) / "train_val").is_dir()
+            is_msls_root(args.dataset_folder)
             or args.msls_split == "test"
             and (Path(args.dataset_folder) / "test").is_dir()
         ):
-            from vprkit.data.msls import read_msls
-
             return read_msls(
                 args.dataset_folder,
                 split=args.msls_split,

@@ -68,6 +68,7 @@ __all__ = [
     "MSLS_SUBTASKS",
     "MSLSDataset",
     "MSLSTrainIndex",
+    "is_msls_root",
     "latlon_to_utm",
     "read_msls",
     "read_msls_train",
@@ -839,6 +840,11 @@ def _paths(root: Path, cities: tuple[str, ...], side: str, keys, city_index) -> 
 # ---------------------------------------------------------------------------------------
 # Public readers
 # ---------------------------------------------------------------------------------------
+
+
+def is_msls_root(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is a Mapillary SLS root: it holds `train_val/<city>/...`."""
+    return (Path(folder) / "train_val").is_dir()
 
 
 def read_msls(

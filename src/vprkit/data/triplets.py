@@ -48,7 +48,7 @@ from PIL import Image
 
 from vprkit.data.datasets import PlaceDataset, _find_vg_split, read_vg_dataset
 from vprkit.data.images import Preprocess, load_image, normalize, to_tensor
-from vprkit.data.msls import MSLSTrainIndex, read_msls_train
+from vprkit.data.msls import MSLSTrainIndex, is_msls_root, read_msls_train
 from vprkit.retrieval.ground_truth import positives_within_radius
 
 __all__ = [
@@ -253,11 +253,6 @@ class TripletData:
         )
 
 
-def _is_msls_root(folder: Path) -> bool:
-    # The same check as evaluate.read_dataset: an MSLS root holds train_val/<city>/.
-    return (folder / "train_val").is_dir()
-
-
 def load_triplet_data(
     folder: str | os.PathLike,
     split: str = "train",
@@ -277,7 +272,7 @@ def load_triplet_data(
     path = Path(os.path.abspath(folder))
     if not path.is_dir():
         raise FileNotFoundError(f"Folder {path} does not exist")
-    if _is_msls_root(path):
+    if is_msls_root(path):
         if split != "train":
             raise ValueError(
                 f"{path} is a Mapillary SLS root: triplet training reads its train cities, "

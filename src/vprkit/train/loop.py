@@ -214,6 +214,17 @@ class MetricsLog:
             self.tensorboard.close()
 
 
+def load_validation_set(folder: str | os.PathLike, split: str):
+    """A Mapillary SLS root's official validation set (cph + sf, the 740-query set), or
+    `split` of any layout `load_dataset` reads."""
+    from vprkit.data.datasets import load_dataset
+    from vprkit.data.msls import is_msls_root, read_msls
+
+    if is_msls_root(folder):
+        return read_msls(folder, split="val")
+    return load_dataset(folder, split=split)
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -298,11 +309,10 @@ class Trainer:
         folder = self.cfg["val_dataset_folder"]
         if not folder:
             return None
-        from vprkit.data.datasets import load_dataset
         from vprkit.data.images import Preprocess
         from vprkit.evaluate import dataset_positives
 
-        dataset = load_dataset(folder, split=self.cfg["val_split"])
+        dataset = load_validation_set(folder, self.cfg["val_split"])
         positives = dataset_positives(dataset, self.cfg["positive_dist_threshold"])
         if positives is None:
             raise ValueError(f"validation set {folder} has no labels")
