@@ -265,3 +265,33 @@ def test_default_size_local_map_and_errors():
     reg = meta_model(backbone="dinov2_vitl14_reg4")
     assert reg.backbone.register_tokens.shape == (1, 4, 1024)
     assert "selavpr" in vprkit.list_models("sela*")
+
+
+@pytest.mark.parametrize("name, options", [("selavpr", TINY), ("r2former", {"depth": 1})])
+def test_global_only_extraction_skips_local_features(tmp_path, name, options):
+    # Mining and validation need only global descriptors: the same values, without the
+    # local branch (SelaVPR's up-convolutions, R2Former's token selection).
+    from PIL import Image
+
+    from vprkit.data.images import Preprocess
+    from vprkit.extract import computes_local, extract_global_descriptors
+
+    model = vprkit.create_model(name, **options).eval()
+    assert computes_local(model)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((64, 64, 3), 40 * i, dtype=np.uint8)).save(paths[-1])
+    size = (56, 56) if name == "selavpr" else (64, 64)
+    preprocess = Preprocess(image_size=size)
+    calls = []
+    model.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs), with_kwargs=True)
+    sunk = []
+    with_local = extract_global_descriptors(
+        model, paths, preprocess, local_sink=lambda i, local: sunk.append(local)
+    )
+    global_only = extract_global_descriptors(model, paths, preprocess)
+    assert calls == [{}, {"local": False}] and len(sunk) == 1
+    # R2Former's last block computes its attention explicitly when it is returned, SDPA
+    # otherwise: equal up to float rounding.
+    np.testing.assert_allclose(global_only, with_local, rtol=0, atol=1e-6)

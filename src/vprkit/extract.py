@@ -8,6 +8,7 @@ for models whose descriptors depend on the batch (CricaVPR).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,6 +31,11 @@ def autocast_context(device: str, precision: str):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def computes_local(model: nn.Module) -> bool:
+    """Whether `model.forward` takes `local=` (computing local features is optional)."""
+    return "local" in inspect.signature(model.forward).parameters
 
 
 @torch.no_grad()
@@ -59,11 +65,13 @@ def extract_global_descriptors(
         num_workers=num_workers,
     )
     model.eval().to(device)
+    # Models with local features (SelaVPR, R2Former) skip them when nobody wants them.
+    options = {} if local_sink is not None or not computes_local(model) else {"local": False}
     descriptors: np.ndarray | None = None
     with tqdm(total=len(paths), desc=f"extracting {label}", unit="img", leave=False) as bar:
         for images, indices in loader:
             with autocast_context(device, precision):
-                out = model(images.to(device))
+                out = model(images.to(device), **options)
             batch = out.global_desc.float().cpu().numpy()
             if local_sink is not None:
                 local = out.local_desc if out.local_desc is not None else out.local_tokens

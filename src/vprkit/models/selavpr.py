@@ -115,12 +115,15 @@ class SelaVPR(nn.Module):
         for name, p in self.backbone.named_parameters():
             p.requires_grad_("adapter" in name)
 
-    def forward(self, x: Tensor) -> DescriptorOutput:
+    def forward(self, x: Tensor, local: bool = True) -> DescriptorOutput:
+        """Global descriptors and (unless `local=False`) the dense local maps."""
         out = self.backbone(x)
         rows, cols = out.grid_size
         B, _, C = out.patch_tokens.shape
         patch_map = out.patch_tokens.reshape(B, rows, cols, C).permute(0, 3, 1, 2)
         global_desc = F.normalize(self.aggregation(patch_map), p=2, dim=-1)
+        if not local:
+            return DescriptorOutput(global_desc=global_desc)
         local_desc = F.normalize(self.LocalAdapt(patch_map), p=2, dim=1)
         return DescriptorOutput(global_desc=global_desc, local_desc=local_desc)
 
