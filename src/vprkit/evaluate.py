@@ -47,7 +47,7 @@ log = logging.getLogger("vprkit.eval")
 # --------------------------------------------------------------------------- arguments
 
 
-def _parse_option(text: str) -> tuple[str, object]:
+def parse_model_option(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--model_option expects KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--model_option",
         "--model-option",
-        type=_parse_option,
+        type=parse_model_option,
         action="append",
         default=[],
         metavar="KEY=VALUE",

@@ -31,7 +31,7 @@ import torch
 from vprkit.atomic import save_npy, write_text
 from vprkit.data.images import Preprocess
 from vprkit.data.triplets import TripletData, load_triplet_data
-from vprkit.evaluate import _parse_option, make_preprocess
+from vprkit.evaluate import make_preprocess, parse_model_option
 from vprkit.extract import PRECISIONS, extract_global_descriptors
 from vprkit.models.registry import create_model, list_models
 from vprkit.retrieval.search import search
@@ -145,7 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--model_option",
         "--model-option",
-        type=_parse_option,
+        type=parse_model_option,
         action="append",
         default=[],
         metavar="KEY=VALUE",
