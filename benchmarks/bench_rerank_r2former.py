@@ -1,6 +1,9 @@
 """R2Former re-ranking of one query's top-K candidates: the re-ranking transformer
 (`R2Former.rerank_scores`) against the RANSAC baseline (`vprkit.rerank.ransac`: mutual nearest
-neighbours, then an OpenCV homography fit per candidate) on the same tokens.
+neighbours, then an OpenCV homography fit per candidate) on the same tokens, and against the
+re-ranker's previous implementation (`r2former_old`, copied here: full argsort, the
+(B, 1000, 5, 7) pair tensor, every token through every block, 100 pairs per forward) with the
+same weights; their probabilities must agree within 1e-5.
 
 Tokens are synthesized as R2Former gives them at 480x640 (a 30x40 grid of 16-pixel patches):
 500 per image, `[x, y, attention, feature128]`, x and y the patch centres over 640, attention
@@ -11,12 +14,15 @@ near-identity homography and snapped to the patch grid, their features the query
 the other tokens are random cells with random features. The re-ranker has random weights
 (its cost does not depend on them). All inputs are written once to .npy files.
 
-Times: both approaches run in this process, alternating query by query (the order flips every
-query), median over the queries. Peak memory: one fresh subprocess per approach re-ranks the
-first query (ru_maxrss; `extra` is the peak minus the resident size just before it). They run
-before this process imports torch, as a child's ru_maxrss starts from its parent's size.
+Times: all approaches run in this process, alternating query by query (the order rotates every
+query), median over the queries; new vs old is the median of the per-query ratios (the CPU may
+be shared: the ratios of neighbouring runs are steadier than the times). Peak memory: one
+fresh subprocess per approach re-ranks the first query (ru_maxrss; `extra` is the peak minus
+the resident size just before it). They run before this process imports torch, as a child's
+ru_maxrss starts from its parent's size.
 
     python benchmarks/bench_rerank_r2former.py [--queries 5] [--k 100] [--threads 2]
+        [--batch-size N] [--no-old]
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ IMAGE_HW = (480, 640)
 PATCH = 16
 FEAT_DIM = 128
 GLOBAL_DIM = 256
-METHODS = ("ransac", "r2former")
+METHODS = ("ransac", "r2former", "r2former_old")
+OLD_BATCH = 100  # the previous default pairs per forward
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -117,10 +124,52 @@ def make_inputs(folder: Path, args: argparse.Namespace) -> np.ndarray:
     return overlaps
 
 
-class Rerankers:
-    """Both approaches on query `q` of the inputs; each call returns the K scores."""
+def previous_logits(rr, x_tokens, y_tokens):
+    """The previous `R2FormerReranker.forward`'s logits (2-class), for the comparison."""
+    import torch
+    import torch.nn.functional as F
 
-    def __init__(self, folder: Path, threads: int, methods: tuple[str, ...] = METHODS) -> None:
+    from vprkit.models.r2former import sincos_2d
+
+    x_feat = F.normalize(x_tokens[..., 3:], p=2, dim=2)
+    y_feat = F.normalize(y_tokens[..., 3:], p=2, dim=2)
+    x_coord = x_tokens[..., :3].clamp(min=0, max=1)
+    y_coord = y_tokens[..., :3].clamp(min=0, max=1)
+    corr = torch.matmul(x_feat, y_feat.transpose(1, 2))
+    B, N, M = corr.shape
+    k, D = rr.num_corr, rr.embed_dim
+    batch = torch.arange(B)[:, None, None]
+    j = torch.argsort(corr, dim=2, descending=True)[:, :, :k]
+    i = torch.arange(N)[None, :, None].expand(B, N, k)
+    select_q = torch.cat([x_coord[batch, i], y_coord[batch, j], corr[batch, i, j, None]], -1)
+    i = torch.argsort(corr, dim=1, descending=True)[:, :k, :].transpose(1, 2)
+    j = torch.arange(M)[None, :, None].expand(B, M, k)
+    select_k = torch.cat([x_coord[batch, i], y_coord[batch, j], corr[batch, i, j, None]], -1)
+    select = torch.cat([select_q, select_k], dim=1)
+    G = select.shape[1]
+    pairs = rr.pair_head(select.reshape(B * G * k, 7)).reshape(B * G, k, D)
+    pairs = pairs + sincos_2d(D, select[..., 3:5].reshape(B * G, k, 2))
+    x = torch.cat([rr.cls_token_2.expand(B * G, -1, -1), pairs], dim=1)
+    for blk in rr.blocks_2:
+        x = blk(x)
+    x = rr.decoder_norm(x)
+    groups = rr.pair_head_2(x[:, 0]).reshape(B, G, D) + sincos_2d(D, select[:, :, 0, 0:2])
+    x = torch.cat([rr.cls_token.expand(B, -1, -1), groups], dim=1)
+    for blk in rr.blocks:
+        x = blk(x)
+    return rr.decoder_pred(rr.decoder_norm(x)[:, 0])
+
+
+class Rerankers:
+    """Each approach on query `q` of the inputs; each call returns the K scores."""
+
+    def __init__(
+        self,
+        folder: Path,
+        threads: int,
+        methods: tuple[str, ...] = METHODS,
+        batch_size: int | None = None,
+    ) -> None:
         import cv2
         import torch
 
@@ -132,8 +181,9 @@ class Rerankers:
         self.globals = np.load(folder / "globals.npy")
         self.t_tokens = torch.from_numpy(self.tokens)
         self.t_globals = torch.from_numpy(self.globals)
+        self.batch_size = batch_size
         self.model = None
-        if "r2former" in methods:
+        if "r2former" in methods or "r2former_old" in methods:
             torch.manual_seed(0)
             self.model = vprkit.create_model("r2former").eval()
 
@@ -151,13 +201,28 @@ class Rerankers:
         end = None if k is None else k + 1
         tokens, globals_ = self.t_tokens[q, :end], self.t_globals[q, :end]
         with torch.no_grad():
-            scores = self.model.rerank_scores(globals_[0], tokens[0], globals_[1:], tokens[1:])
+            scores = self.model.rerank_scores(
+                globals_[0], tokens[0], globals_[1:], tokens[1:], self.batch_size
+            )
         return scores.numpy()
+
+    def r2former_old(self, q: int, k: int | None = None) -> np.ndarray:
+        import torch
+
+        tokens = self.t_tokens[q, : None if k is None else k + 1]
+        scores = []
+        with torch.no_grad():
+            for start in range(1, len(tokens), OLD_BATCH):
+                cands = tokens[start : start + OLD_BATCH]
+                query = tokens[:1].expand(len(cands), -1, -1)
+                logits = previous_logits(self.model.Reranker, query, cands)
+                scores.append(logits.softmax(dim=1)[:, 1])
+        return torch.cat(scores).numpy()
 
 
 def run_child(args: argparse.Namespace) -> None:
     """Peak memory of one approach re-ranking the first query, in this fresh process."""
-    rr = Rerankers(Path(args.inputs), args.threads, (args.method,))
+    rr = Rerankers(Path(args.inputs), args.threads, (args.method,), args.batch_size)
     fn = getattr(rr, args.method)
     fn(0, 2)  # pages in the code and kernels, so `extra` counts the computation only
     base = rss_now()
@@ -171,6 +236,8 @@ def run_child(args: argparse.Namespace) -> None:
 def child_memory(args: argparse.Namespace, method: str, inputs: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", "--method", method, "--inputs", str(inputs)]
     cmd += ["--threads", str(args.threads)]
+    if args.batch_size is not None:
+        cmd += ["--batch-size", str(args.batch_size)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -190,6 +257,10 @@ def main() -> None:
     p.add_argument("--overlap-max", type=float, default=0.8, help="top candidate's overlap")
     p.add_argument("--threads", type=int, default=2, help="torch and OpenCV threads (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--batch-size", type=int, help="pairs per re-ranker forward (default: the model's)"
+    )
+    p.add_argument("--no-old", action="store_true", help="skip the previous implementation")
     p.add_argument("--skip-memory", action="store_true", help="no subprocess memory runs")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
@@ -199,19 +270,21 @@ def main() -> None:
         run_child(args)
         return
 
+    methods = METHODS[:2] if args.no_old else METHODS
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         overlaps = make_inputs(folder, args)
         mem = {}
         if not args.skip_memory:  # first, while this process is small (see the module doc)
-            mem = {method: child_memory(args, method, folder) for method in METHODS}
-        rr = Rerankers(folder, args.threads)
-        for method in METHODS:
+            mem = {method: child_memory(args, method, folder) for method in methods}
+        rr = Rerankers(folder, args.threads, methods, args.batch_size)
+        for method in methods:
             getattr(rr, method)(0, 2)  # warm-up
-        times: dict[str, list[float]] = {m: [] for m in METHODS}
-        scores: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
+        times: dict[str, list[float]] = {m: [] for m in methods}
+        scores: dict[str, list[np.ndarray]] = {m: [] for m in methods}
         for q in range(args.queries):
-            for method in METHODS[:: 1 if q % 2 == 0 else -1]:
+            shift = q % len(methods)  # each method takes each turn in the order
+            for method in methods[shift:] + methods[:shift]:
                 t0 = time.perf_counter()
                 scores[method].append(getattr(rr, method)(q))
                 times[method].append(time.perf_counter() - t0)
@@ -221,10 +294,13 @@ def main() -> None:
     med = {m: statistics.median(t) for m, t in times.items()}
     inliers = np.stack(scores["ransac"])
     rho = statistics.median(_spearman(s, overlaps) for s in inliers)
+    batch = rr.model.rerank_batch_cpu if args.batch_size is None else args.batch_size
     print(
         f"R2Former re-ranking vs RANSAC (homography), one query, K={args.k} candidates of "
         f"{args.tokens} tokens x {3 + FEAT_DIM} at {IMAGE_HW[0]}x{IMAGE_HW[1]}, CPU, "
-        f"{args.threads} threads, torch {torch.__version__}, median of {args.queries} queries"
+        f"{args.threads} threads, torch {torch.__version__}, median of {args.queries} queries; "
+        f"r2former {batch} pairs per forward"
+        + ("" if args.no_old else f", r2former_old {OLD_BATCH}")
     )
     print(
         f"RANSAC inliers per candidate: min {inliers.min()}, median {np.median(inliers):.0f}, "
@@ -234,7 +310,7 @@ def main() -> None:
     print()
     print("| method | time per query (s) | per candidate (ms) | peak RSS (MiB) | extra (MiB) |")
     print("|---|---|---|---|---|")
-    for method in METHODS:
+    for method in methods:
         t = med[method]
         note = "" if method == "ransac" else f" ({med['ransac'] / t:.2f}x RANSAC's speed)"
         peak = f"{mem[method]['peak'] / MIB:.0f}" if mem else "-"
@@ -242,7 +318,18 @@ def main() -> None:
         ms = 1000 * t / args.k
         print(f"| {method} | {t:.3f}{note} | {ms:.1f} | {peak} | {extra} |")
     print()
-    for method in METHODS:
+    if not args.no_old:
+        ratios = [o / n for o, n in zip(times["r2former_old"], times["r2former"], strict=True)]
+        diff = max(
+            float(np.abs(n - o).max())
+            for n, o in zip(scores["r2former"], scores["r2former_old"], strict=True)
+        )
+        print(
+            f"r2former new vs old: {statistics.median(ratios):.2f}x faster (median of per-query "
+            f"ratios {' '.join(f'{r:.2f}' for r in ratios)}); max |probability difference| "
+            f"{diff:.1e} ({'within' if diff <= 1e-5 else 'OVER'} 1e-5)"
+        )
+    for method in methods:
         print(f"seconds per query, {method}: {' '.join(f'{s:.3f}' for s in times[method])}")
 
 

@@ -479,3 +479,173 @@ def test_local_tokens_layout_at_480x640():
     assert len({(int(r), int(c)) for r, c in zip(rows.round(), cols.round(), strict=True)}) == 500
     assert a[0] == 1 and torch.all(a.diff() <= 0) and a.min() > 0
     assert model(torch.randn(1, 3, 480, 640), local=False).local_tokens is None
+
+
+# --------------------------------------------------------------------------------------------
+# The fast path (top-k, per-token pair embeddings, cls-only last blocks) against the
+# implementation it replaced, copied here as the reference.
+
+
+def previous_pair_features(rr, x_tokens, y_tokens):
+    """The previous `R2FormerReranker.pair_features` (full argsort)."""
+    x_feat = F.normalize(x_tokens[..., 3:], p=2, dim=2)
+    y_feat = F.normalize(y_tokens[..., 3:], p=2, dim=2)
+    x_coord = x_tokens[..., :3].detach().clamp(min=0, max=1)
+    y_coord = y_tokens[..., :3].detach().clamp(min=0, max=1)
+    corr = torch.matmul(x_feat, y_feat.transpose(1, 2))
+    B, N, M = corr.shape
+    k = rr.num_corr
+    batch = torch.arange(B)[:, None, None]
+    j = torch.argsort(corr, dim=2, descending=True)[:, :, :k]
+    i = torch.arange(N)[None, :, None].expand(B, N, k)
+    select_q = torch.cat(
+        [x_coord[batch, i], y_coord[batch, j], corr[batch, i, j].unsqueeze(-1)], dim=-1
+    )
+    i = torch.argsort(corr, dim=1, descending=True)[:, :k, :].transpose(1, 2)
+    j = torch.arange(M)[None, :, None].expand(B, M, k)
+    select_k = torch.cat(
+        [x_coord[batch, i], y_coord[batch, j], corr[batch, i, j].unsqueeze(-1)], dim=-1
+    )
+    return torch.cat([select_q, select_k], dim=1)
+
+
+def previous_logits(rr, x_tokens, y_tokens):
+    """The previous `R2FormerReranker.forward`'s logits: the (B, N + M, k, 7) pair tensor,
+    every token through every block."""
+    from vprkit.models.r2former import sincos_2d
+
+    B, D = x_tokens.shape[0], rr.embed_dim
+    select = previous_pair_features(rr, x_tokens, y_tokens)
+    n_groups, k = select.shape[1], select.shape[2]
+    pairs = rr.pair_head(select.reshape(B * n_groups * k, 7)).reshape(B * n_groups, k, D)
+    pairs = pairs + sincos_2d(D, select[..., 3:5].reshape(B * n_groups, k, 2))
+    x = torch.cat([rr.cls_token_2.expand(B * n_groups, -1, -1), pairs], dim=1)
+    for blk in rr.blocks_2:
+        x = blk(x)
+    x = rr.decoder_norm(x)
+    groups = rr.pair_head_2(x[:, 0]).reshape(B, n_groups, D)
+    groups = groups + sincos_2d(D, select[:, :, 0, 0:2])
+    x = torch.cat([rr.cls_token.expand(B, -1, -1), groups], dim=1)
+    for blk in rr.blocks:
+        x = blk(x)
+    out = rr.decoder_pred(rr.decoder_norm(x)[:, 0])
+    return torch.sigmoid(out.reshape(-1)) if rr.num_classes == 1 else out
+
+
+def previous_probs(rr, q_tokens, c_tokens):
+    """(Q, N, F), (Q, K, M, F) -> (Q, K), one pair at a time."""
+    Q, K = c_tokens.shape[:2]
+    out = torch.empty(Q, K)
+    for q in range(Q):
+        for c in range(K):
+            out[q, c] = rr.same_place_probability(
+                previous_logits(rr, q_tokens[q : q + 1], c_tokens[q, c : c + 1])
+            )
+    return out
+
+
+@pytest.mark.parametrize("num_classes", [1, 2])
+def test_fast_forward_matches_previous_implementation(num_classes):
+    from vprkit.models.r2former import R2FormerReranker
+
+    torch.manual_seed(11)
+    rr = randomize_(R2FormerReranker(num_classes=num_classes), seed=12, scale=0.3).eval()
+    g = torch.Generator().manual_seed(13)
+    x, y = _random_tokens((3, 80, 131), g), _random_tokens((3, 60, 131), g)  # N != M
+    xg, yg = torch.randn(3, 256, generator=g), torch.randn(3, 256, generator=g)
+    with torch.no_grad():
+        logits, final = rr(xg, x, yg, y)
+        ref = previous_logits(rr, x, y)
+        select = rr.pair_features(x, y)
+    assert torch.equal(select, previous_pair_features(rr, x, y))
+    assert logits.shape == ((3,) if num_classes == 1 else (3, 2))
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+    ratio = rr.ratio.clamp(min=0.1, max=0.9)
+    probs = rr.same_place_probability(ref)
+    expected = F.cosine_similarity(xg, yg) * ratio + probs * (1 - ratio)
+    torch.testing.assert_close(final, expected, atol=1e-5, rtol=0)
+
+
+def test_fast_gradients_match_previous_implementation(reranker_model):
+    """Training backpropagates the 2-class cross-entropy through the re-ranker into the
+    token features (and so `local_head`): the same gradients as before."""
+    rr = reranker_model.Reranker
+    g = torch.Generator().manual_seed(14)
+    x0, y0 = _random_tokens((4, 50, 131), g), _random_tokens((4, 50, 131), g)
+    labels = torch.tensor([1, 0, 0, 1])
+    grads = []
+    for fn in (rr.logits, lambda x, y: previous_logits(rr, x, y)):
+        rr.zero_grad()
+        x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
+        F.cross_entropy(fn(x, y), labels).backward()
+        grads.append(
+            [x.grad, y.grad] + [p.grad.clone() for p in rr.parameters() if p.grad is not None]
+        )
+    rr.zero_grad()
+    assert len(grads[0]) == len(grads[1]) > 2
+    assert grads[0][0][..., 3:].abs().max() > 1e-4  # features get a gradient, coordinates none
+    assert torch.all(grads[0][0][..., :3] == 0)
+    for new, old in zip(*grads, strict=True):
+        torch.testing.assert_close(new, old, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n", [6, 41])
+def test_forward_first_is_the_first_token_of_forward(reranker_model, n):
+    blk = reranker_model.Reranker.blocks[0]
+    x = torch.randn(5, n, 32, generator=torch.Generator().manual_seed(n))
+    with torch.no_grad():
+        torch.testing.assert_close(blk.forward_first(x), blk(x)[:, :1], atol=1e-5, rtol=1e-5)
+
+
+def test_rerank_scores_match_previous_implementation(reranker_model):
+    """Over queries and candidates, any batch size, any candidate order."""
+    rr = reranker_model.Reranker
+    g = torch.Generator().manual_seed(15)
+    Q, K, N = 2, 7, 120
+    qg, cg = torch.randn(Q, 256, generator=g), torch.randn(Q, K, 256, generator=g)
+    qt, ct = _random_tokens((Q, N, 131), g), _random_tokens((Q, K, N, 131), g)
+    ct[0, 3] = qt[0]  # the query itself among the candidates
+    with torch.no_grad():
+        ref = previous_probs(rr, qt, ct)
+        perm = torch.randperm(K, generator=g)
+        runs = {
+            "default": reranker_model.rerank_scores(qg, qt, cg, ct),
+            "batch 1": reranker_model.rerank_scores(qg, qt, cg, ct, batch_size=1),
+            "batch 3": reranker_model.rerank_scores(qg, qt, cg, ct, batch_size=3),
+            "batch 100": reranker_model.rerank_scores(qg, qt, cg, ct, batch_size=100),
+            "permuted": reranker_model.rerank_scores(
+                qg, qt, cg[:, perm], ct[:, perm], batch_size=4
+            )[:, torch.argsort(perm)],
+            "per query": torch.stack(
+                [reranker_model.rerank_scores(qg[q], qt[q], cg[q], ct[q]) for q in range(Q)]
+            ),
+        }
+    assert ref.std() > 1e-3  # the random re-ranker tells the pairs apart (100x the tolerance)
+    for name, scores in runs.items():
+        assert scores.shape == (Q, K), name
+        torch.testing.assert_close(scores, ref, atol=1e-5, rtol=0, msg=name)
+
+
+def test_rerank_scores_need_no_gradients(reranker_model):
+    g = torch.Generator().manual_seed(16)
+    qt = _random_tokens((1, 30, 131), g).requires_grad_()
+    scores = reranker_model.rerank_scores(
+        torch.randn(1, 256), qt, torch.randn(1, 2, 256), _random_tokens((1, 2, 30, 131), g)
+    )
+    assert not scores.requires_grad
+
+
+def test_tied_correlations_keep_the_top_values():
+    """Duplicate tokens give exactly equal correlations: top-k may order the tied pairs
+    unlike argsort (neither is stable), but picks the same top-k correlation values."""
+    from vprkit.models.r2former import R2FormerReranker
+
+    rr = R2FormerReranker()
+    g = torch.Generator().manual_seed(17)
+    x = _random_tokens((2, 40, 131), g)
+    y = torch.cat([x[:, :10], x[:, :10], x[:, 5:15], _random_tokens((2, 10, 131), g)], dim=1)
+    with torch.no_grad():
+        select, ref = rr.pair_features(x, y), previous_pair_features(rr, x, y)
+        logits = rr.logits(x, y)
+    torch.testing.assert_close(select[..., 6], ref[..., 6], atol=0, rtol=0)
+    assert torch.isfinite(logits).all()
