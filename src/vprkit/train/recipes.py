@@ -273,21 +273,16 @@ class R2FormerPairs(nn.Module):
         out = self.model(images, local=rerank)
         if not rerank:
             return out.global_desc, None
-        group = 2 + negs
-        desc = out.global_desc.view(-1, group, out.global_desc.shape[1])
-        tokens = out.local_tokens.view(-1, group, *out.local_tokens.shape[1:])
+        tokens = out.local_tokens.view(-1, 2 + negs, *out.local_tokens.shape[1:])
         others = 1 + negs  # positive, then each negative
-        q_desc = desc[:, :1].expand(-1, others, -1).flatten(0, 1)
         q_tokens = tokens[:, :1].expand(-1, others, -1, -1).flatten(0, 1)
-        logits, _ = self.model.Reranker(
-            q_desc, q_tokens, desc[:, 1:].flatten(0, 1), tokens[:, 1:].flatten(0, 1)
-        )
+        logits = self.model.Reranker.logits(q_tokens, tokens[:, 1:].flatten(0, 1))
         return out.global_desc, logits.view(-1, others, logits.shape[1])
 
 
 class R2FormerRecipe(TripletRecipe):
-    """R2Former's three phases on VG-benchmark triplets (SPEC §3.5): `triplet_loss` on the
-    global descriptors and/or `rerank_loss`, the re-ranker's 2-class cross-entropy."""
+    """R2Former's three phases on triplets (VG format or MSLS; SPEC §3.5): `triplet_loss` on
+    the global descriptors and/or `rerank_loss`, the re-ranker's 2-class cross-entropy."""
 
     def build_model(self, cfg: dict) -> nn.Module:
         if cfg["rerank_loss"] and not cfg["triplet_loss"] and not cfg["init_weights"]:
