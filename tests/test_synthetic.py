@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from vprkit.data import synthetic as S
+from vprkit.data.datasets import read_vg_dataset
 from vprkit.data.gsv_cities import GSV_COLUMNS
+from vprkit.data.triplets import TripletData
 
 TINY = dict(
     image_size=(48, 64),
@@ -25,10 +27,18 @@ TINY = dict(
     db_spacing=10.0,
 )
 
+# TINY plus a VG train split: everything else must come out byte for byte as in TINY.
+TRAIN = dict(TINY, vg_train_queries=12, vg_train_streets=2)
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return S.generate(tmp_path_factory.mktemp("tiny") / "out", seed=3, **TINY)
+
+
+@pytest.fixture(scope="module")
+def with_train(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return S.generate(tmp_path_factory.mktemp("with_train") / "out", seed=3, **TRAIN)
 
 
 def tree_hash(root: Path) -> str:
@@ -213,6 +223,65 @@ def test_refuses_to_overwrite_and_bad_config(tiny: Path) -> None:
         S.SynthConfig.create(images_per_place=3)
     with pytest.raises(ValueError, match="difficulty"):
         S.SynthConfig.create("impossible")
+    with pytest.raises(ValueError, match="vg_train_queries"):
+        S.SynthConfig.create(vg_train_queries=-1)
+    with pytest.raises(ValueError, match="vg_train_streets"):
+        S.SynthConfig.create(vg_train_queries=5, vg_train_streets=0)
+
+
+# ----------------------------------------------------------------------------- VG train split
+
+
+def test_no_vg_train_split_by_default(tiny: Path) -> None:
+    assert not (tiny / "vg" / "synthetic" / "images" / "train").exists()
+    meta = json.loads((tiny / "meta.json").read_text())
+    # meta.json is written as it was before the split existed.
+    assert not any(k.startswith("vg_train") for k in meta["config"])
+    assert not any(k.startswith("vg_train") for k in meta["counts"])
+
+
+def test_vg_train_split_leaves_everything_else_unchanged(tiny: Path, with_train: Path) -> None:
+    for rel in ("gsv", "vg/synthetic/images/val", "vg/synthetic/images/test"):
+        assert tree_hash(with_train / rel) == tree_hash(tiny / rel), rel
+    # The train images are planned last: the other images' metadata lines come first, unchanged.
+    old = (tiny / "poses.jsonl").read_text().splitlines()
+    new = (with_train / "poses.jsonl").read_text().splitlines()
+    assert new[: len(old)] == old
+    assert all(json.loads(line)["split"] == "vg_train" for line in new[len(old) :])
+
+
+def test_vg_train_split_reads_back_for_triplet_training(with_train: Path) -> None:
+    vg = with_train / "vg" / "synthetic"
+    poses = S.load_poses(with_train)
+    kinds = Counter(p["kind"] for p in poses)
+    ds = read_vg_dataset(vg, split="train")
+    assert ds.num_queries == TRAIN["vg_train_queries"] == kinds["vg_train_queries"]
+    assert ds.num_database == kinds["vg_train_database"] > 0
+    # Queries sit along the database streets: most have a database image within 10 m.
+    d = np.linalg.norm(ds.query_utm[:, None] - ds.database_utm[None], axis=2)
+    assert np.mean(d.min(1) <= 10) >= 0.8
+    assert (d.min(1) <= 25).all()
+    data = TripletData.from_folder(vg, split="train")
+    assert len(data.query_ids) == int((d.min(1) <= 10).sum()) >= 0.8 * ds.num_queries
+    assert all(len(p) > 0 for p in data.hard_positives)
+    # Streets of their own: far from every val/test image and training place, and not one
+    # facade in common with them.
+    train = [p for p in poses if p["split"] == "vg_train"]
+    other = [p for p in poses if p["split"] != "vg_train"]
+    assert {p["street_id"] for p in train} == set(range(TRAIN["vg_train_streets"]))
+    a = np.array([[p["east"], p["north"]] for p in train])
+    b = np.array([[p["east"], p["north"]] for p in other])
+    assert np.linalg.norm(a[:, None] - b[None], axis=2).min() > 1000
+    seen_train = {f for p in train for f in p["facades"]}
+    assert seen_train and not seen_train & {f for p in other for f in p["facades"]}
+
+
+def test_vg_train_split_same_bytes_any_worker_count(with_train: Path, tmp_path: Path) -> None:
+    again = S.generate(tmp_path / "again", seed=3, num_workers=2, **TRAIN)
+    assert tree_hash(again) == tree_hash(with_train)
+    meta = json.loads((again / "meta.json").read_text())
+    assert meta["config"]["vg_train_queries"] == TRAIN["vg_train_queries"]
+    assert meta["counts"]["vg_train_queries"] == TRAIN["vg_train_queries"]
 
 
 # ----------------------------------------------------------------------------- conditions
@@ -266,6 +335,10 @@ def test_cli_tiny(tmp_path: Path) -> None:
             "2",
             "--eval_streets",
             "1",
+            "--vg_train_queries",
+            "3",
+            "--vg_train_streets",
+            "1",
             "--db_spacing",
             "20",
             "--num_workers",
@@ -282,6 +355,8 @@ def test_cli_tiny(tmp_path: Path) -> None:
     assert meta["config"]["params"]["yaw_deg"] == 3.0
     assert meta["config"]["params"]["p_night"] == S.DIFFICULTIES["hard"].p_night
     assert len(list((out / "gsv" / "Images" / "Synthville").glob("*.jpg"))) == 8
+    assert meta["config"]["vg_train_queries"] == 3 and meta["config"]["vg_train_streets"] == 1
+    assert len(list((out / "vg" / "synthetic" / "images" / "train" / "queries").glob("*.jpg"))) == 3
     assert not (tmp_path / "cli.partial").exists()
 
 

@@ -18,6 +18,8 @@ Outputs (``generate`` / ``vprkit synth``):
 - ``gsv/Dataframes/<City>.csv`` and ``gsv/Images/<City>/*.jpg`` in the GSV-Cities layout;
 - ``vg/<name>/images/{val,test}/{database,queries}/@east@north@...@.jpg`` in the layout of
   gmberton's VPR-datasets-downloader, from streets unseen in training;
+- optionally (``vg_train_queries > 0``) ``vg/<name>/images/train/{database,queries}/``, built
+  like val/test from streets of its own, for triplet training on VG-format data;
 - ``meta.json`` (parameters, seed, counts) and ``poses.jsonl`` (one line per image: pose,
   condition and the facade ids in view).
 """
@@ -57,8 +59,11 @@ LON0 = 15.0
 METRES_PER_DEGREE = 6_371_000.0 * math.pi / 180.0
 
 # Splits live in separate regions (20 km apart) so val/test streets are never seen in training.
-SPLITS = ("train", "val", "test")
-SPLIT_REGION_EAST = {"train": 0.0, "val": 20_000.0, "test": 40_000.0}
+# "train" holds the GSV-Cities places; "vg_train" the streets of the optional VG train split
+# (its images go to images/train/), apart from both so that adding it changes no other image.
+SPLITS = ("train", "val", "test", "vg_train")
+SPLIT_REGION_EAST = {"train": 0.0, "val": 20_000.0, "test": 40_000.0, "vg_train": 60_000.0}
+VG_FOLDERS = {"val": "val", "test": "test", "vg_train": "train"}  # split -> images/<folder>
 STREET_CELL = 600.0  # streets sit in their own 600 m cells: no two streets come within 200 m
 
 PPM = 8.0  # texels per metre on facades
@@ -153,6 +158,8 @@ class SynthConfig:
     val_queries: int = 200
     test_queries: int = 500
     eval_streets: int = 4  # streets per val/test split
+    vg_train_queries: int = 0  # queries of the VG train split; 0: no VG train split
+    vg_train_streets: int = 4  # streets of the VG train split
     db_spacing: float = 5.0  # metres between database positions along a street
     db_headings: int = 2  # 1: facing forward only; 2: forward and backward
     place_spacing: float = 20.0  # metres between training places along a street
@@ -178,6 +185,10 @@ class SynthConfig:
             raise ValueError("train_places must be < 100000 (GSV-Cities place id convention)")
         if self.eval_streets < 1:
             raise ValueError(f"eval_streets must be >= 1, got {self.eval_streets}")
+        if self.vg_train_queries < 0:
+            raise ValueError(f"vg_train_queries must be >= 0, got {self.vg_train_queries}")
+        if self.vg_train_streets < 1:
+            raise ValueError(f"vg_train_streets must be >= 1, got {self.vg_train_streets}")
         if not 0.5 <= self.db_spacing <= 20.0:
             raise ValueError(
                 f"db_spacing must be in [0.5, 20] m (positives within 25 m), got {self.db_spacing}"
@@ -1524,9 +1535,9 @@ def to_latlon(east: float, north: float) -> tuple[float, float]:
 class Task:
     """One image to render: everything not drawn from its own generator."""
 
-    kind: str  # gsv | val_database | val_queries | test_database | test_queries
+    kind: str  # gsv | {val,test,vg_train}_{database,queries}
     index: int
-    split: str
+    split: str  # the world region of the street (SPLITS)
     street_id: int
     along: float = 0.0  # reference position along the street (m)
     lateral: float = 0.0
@@ -1568,8 +1579,14 @@ def plan_tasks(cfg: SynthConfig) -> list[Task]:
                     place,
                 )
             )
-    for split, n_queries in (("val", cfg.val_queries), ("test", cfg.test_queries)):
-        lays, weights = _street_weights(cfg.seed, split, cfg.eval_streets)
+    vg_splits = [
+        ("val", cfg.val_queries, cfg.eval_streets),
+        ("test", cfg.test_queries, cfg.eval_streets),
+    ]
+    if cfg.vg_train_queries:  # last, so the other tasks keep their order
+        vg_splits.append(("vg_train", cfg.vg_train_queries, cfg.vg_train_streets))
+    for split, n_queries, n_streets in vg_splits:
+        lays, weights = _street_weights(cfg.seed, split, n_streets)
         i = 0
         for lay in lays:
             for a in np.arange(15.0, lay.length - 15.0 + 1e-6, cfg.db_spacing):
@@ -1677,7 +1694,7 @@ def _render_task(task: Task, cfg: SynthConfig, root: Path) -> dict[str, Any]:
     else:
         role = "database" if is_db else "queries"
         name = vg_image_name(pose.east, pose.north, pose.yaw_deg, pose.pitch_deg, panoid, cond.time)
-        rel = Path("vg", cfg.vg_name, "images", task.split, role, name)
+        rel = Path("vg", cfg.vg_name, "images", VG_FOLDERS[task.split], role, name)
         extra = {}
     _write_jpeg(root / rel, res.image, cfg.jpeg_quality)
     return dict(
@@ -1723,6 +1740,9 @@ def _write_gsv_csv(root: Path, cfg: SynthConfig, records: list[dict[str, Any]]) 
 def _config_dict(cfg: SynthConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     d["image_size"] = list(cfg.image_size)
+    if not cfg.vg_train_queries:
+        # No VG train split: meta.json stays as it was before the split existed.
+        del d["vg_train_queries"], d["vg_train_streets"]
     return d
 
 
@@ -1782,7 +1802,7 @@ def generate(
     progress: bool = False,
     **overrides: Any,
 ) -> Path:
-    """Render a synthetic GSV-Cities training city and VG val/test sets into ``out_dir``.
+    """Render a GSV-Cities training city and VG val/test (and train) sets into ``out_dir``.
 
     ``overrides`` are :class:`SynthConfig` or :class:`Difficulty` field names; with no
     ``config`` they apply on top of ``SynthConfig.create(difficulty)``. Output bytes depend
@@ -1896,6 +1916,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="preset for viewpoint, condition, occlusion and aliasing ranges",
     )
     add("--eval_streets", type=int, default=d.eval_streets, help="streets in each of val and test")
+    add(
+        "--vg_train_queries",
+        type=int,
+        default=d.vg_train_queries,
+        help="queries of a VG train split from streets of its own (0: no VG train split)",
+    )
+    add(
+        "--vg_train_streets",
+        type=int,
+        default=d.vg_train_streets,
+        help="streets of the VG train split",
+    )
     add("--db_spacing", type=float, default=d.db_spacing, help="metres between database images")
     add(
         "--db_headings",
@@ -1946,6 +1978,8 @@ def run(args: argparse.Namespace) -> int:
         val_queries=args.val_queries,
         test_queries=args.test_queries,
         eval_streets=args.eval_streets,
+        vg_train_queries=args.vg_train_queries,
+        vg_train_streets=args.vg_train_streets,
         db_spacing=args.db_spacing,
         db_headings=args.db_headings,
         place_spacing=args.place_spacing,
