@@ -15,7 +15,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_synthetic(tmp_path_factory) -> Path:
-    """A small synthetic city (GSV-Cities training places, VG val/test), made once."""
+    """A small synthetic city (GSV-Cities training places, VG train/val/test), made once."""
     from vprkit.data.synthetic import generate
 
     root = tmp_path_factory.mktemp("synth") / "city"
@@ -27,6 +27,8 @@ def tiny_synthetic(tmp_path_factory) -> Path:
         test_queries=16,
         difficulty="easy",
         eval_streets=1,
+        vg_train_queries=24,
+        vg_train_streets=1,
         num_workers=1,
     )
     return root

@@ -247,9 +247,9 @@ def test_three_phases_chain_through_the_real_loop(tiny_synthetic, tmp_path):
     vg = str(tiny_synthetic / "vg" / "synthetic")
     common = {
         "train_dataset_folder": vg,
-        "train_split": "val",  # the synthetic city has no VG train split: its val streets
+        "train_split": "train",
         "val_dataset_folder": vg,
-        "val_split": "test",
+        "val_split": "val",
         "model_options": TINY,
         "image_size": [SIZE, SIZE],
         "queries_per_epoch": 16,
@@ -269,7 +269,7 @@ def test_three_phases_chain_through_the_real_loop(tiny_synthetic, tmp_path):
     options = [f"{k}={v!r}".replace(" ", "") for k, v in TINY.items()]
     main(
         ["mine", "--weights", str(phase1 / "best.pth"), "--dataset_folder", vg]
-        + ["--split", "val", "--image_size", str(SIZE), str(SIZE), "--out", str(hard)]
+        + ["--split", "train", "--image_size", str(SIZE), str(SIZE), "--out", str(hard)]
         + [arg for option in options for arg in ("--model_option", option)]
         + ["--candidates", "30", "--keep", "20", "--num_workers", "0"]
     )
@@ -315,7 +315,7 @@ def test_joint_phase_under_torchrun_matches_one_process(tiny_synthetic, tmp_path
 
     cfg = {
         "train_dataset_folder": str(tiny_synthetic / "vg" / "synthetic"),
-        "train_split": "val",
+        "train_split": "train",
         "model_options": TINY,
         "image_size": [SIZE, SIZE],
         "queries_per_epoch": 8,

@@ -17,7 +17,7 @@ def selavpr_settings(synth, tmp_path, **overrides):
     vg = str(synth / "vg" / "synthetic")
     return {
         "train_dataset_folder": vg,
-        "train_split": "val",  # the synthetic city has no VG train split: its val streets
+        "train_split": "train",
         "model_options": TINY_SELAVPR,
         "image_size": [56, 56],
         "queries_per_epoch": 16,
@@ -73,7 +73,7 @@ def test_both_losses_go_down_when_fitting_a_batch():
 def test_selavpr_recipe_trains_and_logs_both_losses(tiny_synthetic, tmp_path):
     vg = str(tiny_synthetic / "vg" / "synthetic")
     cfg = selavpr_settings(
-        tiny_synthetic, tmp_path, epochs=2, val_dataset_folder=vg, val_split="test"
+        tiny_synthetic, tmp_path, epochs=2, val_dataset_folder=vg, val_split="val"
     )
     run_dir, summary = train("selavpr", cfg)
     rows = list(csv.DictReader(open(run_dir / "train_log.csv")))
