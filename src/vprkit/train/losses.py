@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vprkit.models.outputs import DescriptorOutput
+
 
 class MultiSimilarity:
     """CricaVPR's loss (SPEC §1.4): pytorch-metric-learning's MultiSimilarityLoss(alpha 1,
@@ -100,8 +102,6 @@ class R2FormerLoss:
     def __call__(
         self, global_desc: Tensor, logits: Tensor | None, negs: int
     ) -> tuple[Tensor, dict[str, float]]:
-        from vprkit.models.outputs import DescriptorOutput
-
         loss, figures = global_desc.new_zeros(()), {}
         if self.triplet is not None:
             loss, figures = self.triplet(DescriptorOutput(global_desc=global_desc), negs)
