@@ -57,9 +57,15 @@ def parse_model_option(text: str) -> tuple[str, object]:
         return key, value  # a plain string such as size=vits14
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, default_method: str | None = None):
+    """`--method`, `--weights` and `--model_option` (the verbs that build a model)."""
     model = parser.add_argument_group("model")
-    model.add_argument("--method", required=True, help="a registered model: vprkit models")
+    model.add_argument(
+        "--method",
+        required=default_method is None,
+        default=default_method,
+        help="a registered model: vprkit models",
+    )
     model.add_argument("--weights", help="weights file or official name (vprkit weights list)")
     model.add_argument(
         "--model_option",
@@ -70,6 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="constructor override, repeatable, e.g. size=vits14 depth=2",
     )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_folder", "--dataset-folder", type=Path)
     data.add_argument("--split", default="test", help="VG layout split")

@@ -31,7 +31,7 @@ import torch
 from vprkit.atomic import save_npy, write_text
 from vprkit.data.images import Preprocess
 from vprkit.data.triplets import TripletData, load_triplet_data
-from vprkit.evaluate import make_preprocess, parse_model_option
+from vprkit.evaluate import add_model_arguments, make_preprocess
 from vprkit.extract import PRECISIONS, extract_global_descriptors
 from vprkit.models.registry import create_model, list_models
 from vprkit.retrieval.search import search
@@ -139,18 +139,7 @@ def sidecar_path(out: str | os.PathLike) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    model = parser.add_argument_group("model")
-    model.add_argument("--method", default="r2former", help="a registered model: vprkit models")
-    model.add_argument("--weights", help="weights file or official name (vprkit weights list)")
-    model.add_argument(
-        "--model_option",
-        "--model-option",
-        type=parse_model_option,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="constructor override, repeatable, e.g. depth=2",
-    )
+    add_model_arguments(parser, default_method="r2former")
     data = parser.add_argument_group("data")
     data.add_argument(
         "--dataset_folder",
