@@ -350,3 +350,44 @@ def test_a_run_from_random_weights_is_warned():
     finally:
         logger.removeHandler(handler)
     assert any("deit_small_distilled_patch16_224" in r.getMessage() for r in records)
+
+
+def test_rerank_phase_resumes_exactly(tiny_synthetic, tmp_path):
+    # A refresh every 2 batches: resuming at step 3 is mid-refresh (saved triplets reused).
+    from test_train import assert_same_weights, final_weights
+
+    from vprkit.cli import main
+    from vprkit.train.loop import train
+    from vprkit.weights import read_checkpoint
+
+    vg = str(tiny_synthetic / "vg" / "synthetic")
+    torch.manual_seed(0)
+    weights = save_checkpoint(vprkit.create_model("r2former", **TINY), tmp_path / "global.pth")
+    hard = tmp_path / "hard_negatives.npy"
+    options = [f"{k}={v!r}".replace(" ", "") for k, v in TINY.items()]
+    main(
+        ["mine", "--weights", str(weights), "--dataset_folder", vg, "--out", str(hard)]
+        + ["--image_size", str(SIZE), str(SIZE), "--num_workers", "0"]
+        + [arg for option in options for arg in ("--model_option", option)]
+    )
+    cfg = {
+        "train_dataset_folder": vg,
+        "model_options": TINY,
+        "image_size": [SIZE, SIZE],
+        "init_weights": str(weights),
+        "hard_negatives_file": str(hard),
+        "queries_per_epoch": 16,
+        "cache_refresh_rate": 8,
+        "train_batch_size": 4,
+        "epochs": 2,
+        "num_workers": 0,
+        "save_dir": str(tmp_path / "runs"),
+    }
+    straight, _ = train("r2former_rerank", {**cfg, "max_steps": 6, "run_name": "straight"})
+    first, _ = train("r2former_rerank", {**cfg, "max_steps": 3, "run_name": "resumed"})
+    assert read_checkpoint(first / "last.pth")["data"]["refresh_index"] == 1
+    train("r2former_rerank", {**cfg, "max_steps": 6}, resume=first / "last.pth")
+    assert_same_weights(final_weights(straight), final_weights(first))
+    start = read_checkpoint(weights)["state_dict"]
+    trained = final_weights(straight)
+    assert not torch.equal(start["Reranker.pair_head.weight"], trained["Reranker.pair_head.weight"])
