@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_triplets import EAST0, KEPT_IDS, NORTH0, NUM_DB, QUERIES  # the same line of places
 from torch import nn
 
 from vprkit.cli import main as cli_main
@@ -24,12 +25,6 @@ from vprkit.data.images import Preprocess
 from vprkit.data.triplets import TripletData, TripletMiner, load_hard_negatives
 from vprkit.mine import hard_negatives_from_descriptors, mine_hard_negatives, sidecar_path
 from vprkit.models.outputs import DescriptorOutput
-
-EAST0, NORTH0 = 500000.0, 4000000.0
-NUM_DB = 30  # database image i at (5 i, 0) m
-# Query offsets in metres; the second has no database image within 10 m and is dropped.
-QUERIES = [(12.0, 1.0), (20.0, 500.0), (52.0, -2.0), (101.0, 0.0), (133.0, 3.0)]
-KEPT_IDS = [0, 2, 3, 4]
 
 
 def _within(qid: int, radius: float) -> set[int]:
