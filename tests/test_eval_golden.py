@@ -1,0 +1,219 @@
+"""`vprkit eval` gives the predictions and recalls it gave before the pipeline became a chain
+of stages: figures recorded with the one-function evaluator (commit 05f5ec4), on the real
+photos (corridor, gardenspoint10) and on a synthetic city, with and without re-ranking.
+
+To re-record after an intended change: `VPRKIT_RECORD_GOLDEN=1 pytest tests/test_eval_golden.py
+-s` prints the new table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vprkit.cli import main as cli_main
+
+COMMON = ["--num_workers", "0", "--recall_values", "1", "5", "10"]
+
+# name -> (dataset, model arguments)
+CASES = {
+    "corridor_dinov2_gem": (
+        "corridor",
+        [
+            "--method",
+            "dinov2_gem",
+            "--model_option",
+            "size=vits14",
+            "--model_option",
+            "depth=1",
+            "--image_size",
+            "56",
+            "56",
+        ],
+    ),
+    "corridor_selavpr_mnn": (
+        "corridor",
+        [
+            "--method",
+            "selavpr",
+            "--model_option",
+            "backbone=dinov2_vits14",
+            "--model_option",
+            "depth=1",
+            "--image_size",
+            "56",
+            "56",
+            "--rerank_num",
+            "10",
+        ],
+    ),
+    "gardenspoint_cricavpr": (
+        "gardenspoint10",
+        [
+            "--method",
+            "cricavpr",
+            "--model_option",
+            "embed_dim=64",
+            "--model_option",
+            "num_heads=4",
+            "--model_option",
+            "depth=1",
+            "--image_size",
+            "56",
+            "56",
+            "--infer_batch_size",
+            "4",
+        ],
+    ),
+    "synthetic_r2former": (
+        "synthetic",
+        [
+            "--method",
+            "r2former",
+            "--model_option",
+            "depth=1",
+            "--model_option",
+            "embed_dim=64",
+            "--model_option",
+            "num_heads=2",
+            "--model_option",
+            "img_size=(64,64)",
+            "--model_option",
+            "num_local=20",
+            "--image_size",
+            "64",
+            "64",
+            "--rerank_num",
+            "8",
+        ],
+    ),
+    "synthetic_selavpr_ransac": (
+        "synthetic",
+        [
+            "--method",
+            "selavpr",
+            "--model_option",
+            "backbone=dinov2_vits14",
+            "--model_option",
+            "depth=1",
+            "--image_size",
+            "56",
+            "56",
+            "--rerank_num",
+            "5",
+            "--reranker",
+            "ransac_homography",
+        ],
+    ),
+}
+
+# Recorded with the evaluator as it was before the move (see the module docstring).
+RECORDED: dict[str, dict] = {
+    "corridor_dinov2_gem": {
+        "recalls": {
+            "R@1": 24.324324324324326,
+            "R@5": 53.153153153153156,
+            "R@10": 66.66666666666666,
+        },
+        "recalls_global": None,
+        "predictions_csv": "f484db9f8c8c8330",
+        "pairs": "2830068a6fc8e029",
+        "database_descriptors": "1f1500d3ab3b0c86",
+    },
+    "corridor_selavpr_mnn": {
+        "recalls": {"R@1": 36.93693693693694, "R@5": 58.55855855855856, "R@10": 66.66666666666666},
+        "recalls_global": {
+            "R@1": 24.324324324324326,
+            "R@5": 53.153153153153156,
+            "R@10": 66.66666666666666,
+        },
+        "predictions_csv": "61f16347364c2770",
+        "pairs": "923fd4d265d22de4",
+        "database_descriptors": "53ca61363e2945df",
+    },
+    "gardenspoint_cricavpr": {
+        "recalls": {"R@1": 20.0, "R@5": 70.0, "R@10": 100.0},
+        "recalls_global": None,
+        "predictions_csv": "e64bb4bdba99ba26",
+        "pairs": "fb97b6e878cfc13a",
+        "database_descriptors": "fdda82cb97fbbfc4",
+    },
+    "synthetic_r2former": {
+        "recalls": {"R@1": 37.5, "R@5": 68.75, "R@10": 93.75},
+        "recalls_global": {"R@1": 31.25, "R@5": 68.75, "R@10": 93.75},
+        "predictions_csv": "186002682ecdde3a",
+        "pairs": "f3dc1cbbcfb6f369",
+        "database_descriptors": "b280929c181a6874",
+    },
+    "synthetic_selavpr_ransac": {
+        "recalls": {"R@1": 43.75, "R@5": 75.0, "R@10": 81.25},
+        "recalls_global": {"R@1": 25.0, "R@5": 75.0, "R@10": 81.25},
+        "predictions_csv": "588dc6dbc1f74e48",
+        "pairs": "9eea8bc35dc7d193",
+        "database_descriptors": "b420dd2e56b691b3",
+    },
+}
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _dataset_args(dataset: str, shared_data: Path, tiny_synthetic: Path, tmp_path: Path):
+    if dataset == "corridor":
+        return ["--dataset_folder", str(shared_data / "corridor")]
+    if dataset == "gardenspoint10":
+        # No ground-truth file ships with it: query i is reference i.
+        gt = np.empty(10, dtype=object)
+        for i in range(10):
+            gt[i] = [i, [i]]
+        np.save(tmp_path / "gt.npy", gt, allow_pickle=True)
+        folder = shared_data / "gardenspoint10"
+        return [
+            "--database_folder",
+            str(folder / "ref"),
+            "--queries_folder",
+            str(folder / "query"),
+            "--ground_truth",
+            str(tmp_path / "gt.npy"),
+        ]
+    return ["--dataset_folder", str(tiny_synthetic / "vg" / "synthetic"), "--split", "test"]
+
+
+def run_case(name: str, shared_data: Path, tiny_synthetic: Path, tmp_path: Path) -> dict:
+    dataset, model_args = CASES[name]
+    save_dir = tmp_path / "runs"
+    torch.manual_seed(0)
+    argv = [
+        "eval",
+        *model_args,
+        *_dataset_args(dataset, shared_data, tiny_synthetic, tmp_path),
+        *COMMON,
+        "--save_dir",
+        str(save_dir),
+    ]
+    assert cli_main(argv) == 0
+    (run,) = [p for p in save_dir.glob("*/*") if p.is_dir()]
+    summary = json.loads((run / "recalls.json").read_text())
+    return {
+        "recalls": summary["recalls"],
+        "recalls_global": summary.get("recalls_global"),
+        "predictions_csv": _sha((run / "predictions.csv").read_bytes()),
+        "pairs": _sha((run / "pairs.txt").read_bytes()),
+        "database_descriptors": _sha(np.load(run / "database_descriptors.npy").tobytes()),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_eval_matches_recorded_figures(name, shared_data, tiny_synthetic, tmp_path):
+    got = run_case(name, shared_data, tiny_synthetic, tmp_path)
+    if os.environ.get("VPRKIT_RECORD_GOLDEN"):
+        print(f"\n    {name!r}: {got!r},")
+        return
+    assert got == RECORDED[name]
