@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vprkit.rerank import LocalFeatureCache, mutual_nn_count, rerank_by_mnn
+from vprkit.rerank import mutual_nn_count, rerank_by_mnn
+from vprkit.rerank.local_features import LocalFeatureCache
 
 
 def brute_force(query: torch.Tensor, cands: torch.Tensor) -> list[int]:

@@ -6,6 +6,7 @@ import torch
 
 pytest.importorskip("cv2", reason='the RANSAC baseline needs OpenCV: pip install "vprkit[ransac]"')
 
+from vprkit.rerank.base import rerank_by_scores  # noqa: E402
 from vprkit.rerank.ransac import (  # noqa: E402
     Keypoints,
     dense_keypoints,
@@ -13,7 +14,6 @@ from vprkit.rerank.ransac import (  # noqa: E402
     r2former_keypoints,
     ransac_inliers,
     ransac_scores,
-    rerank_by_scores,
 )
 
 

@@ -13,6 +13,7 @@ from vprkit.retrieval import search as search_mod
 from vprkit.retrieval.ground_truth import positives_within_radius, queries_without_positives
 from vprkit.retrieval.metrics import (
     auc_pr,
+    first_correct_rank,
     format_recalls,
     per_query_correct,
     precision_recall_curve,
@@ -292,6 +293,29 @@ def test_recall_hand_made_vg_convention():
     np.testing.assert_array_equal(per_query_correct(preds, positives, 2), [1, 1, 0, 0])
     with pytest.raises(ValueError, match="3 queries but positives cover 6"):
         recall_at_n(preds[:3], positives[:2] + positives)
+
+
+def test_first_correct_rank_hand_made():
+    preds = np.array([[3, 1, 2], [0, 5, 6], [9, 9, 9], [4, 7, 8], [8, 8, 1]])
+    positives = [np.array([1]), np.array([0, 3]), np.array([], dtype=np.int64), [8], [8, 1]]
+    ranks = first_correct_rank(preds, positives)
+    assert ranks.dtype == np.int64
+    np.testing.assert_array_equal(ranks, [2, 1, 0, 3, 1])  # 1-based; 0: none correct
+    np.testing.assert_array_equal(first_correct_rank(preds[:, 0], positives), [0, 1, 0, 0, 1])
+    assert first_correct_rank(np.zeros((0, 3), dtype=np.int64), []).shape == (0,)
+    with pytest.raises(ValueError, match="5 queries but positives cover 4"):
+        first_correct_rank(preds, positives[:4])
+
+
+def test_first_correct_rank_random_vs_loop():
+    rng = np.random.default_rng(1)
+    preds = np.array([rng.permutation(40)[:10] for _ in range(100)])
+    positives = [rng.choice(40, size=rng.integers(0, 6), replace=False) for _ in range(100)]
+    expected = []
+    for row, pos in zip(preds, positives, strict=True):
+        hits = [i + 1 for i, p in enumerate(row) if p in set(pos.tolist())]
+        expected.append(hits[0] if hits else 0)
+    np.testing.assert_array_equal(first_correct_rank(preds, positives), expected)
 
 
 def test_recall_random_vs_loops():

@@ -27,14 +27,20 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from vprkit.rerank.base import (
+    Reranker,
+    RerankInputs,
+    ScoreFn,
+    register_reranker,
+    rerank_by_scores,
+)
+from vprkit.rerank.local_features import LOCAL_DESC
 
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -333,159 +339,38 @@ def rerank_by_mnn(
     **kwargs,
 ):
     """`candidate_ids` re-sorted by mutual-NN count, descending. Equal counts keep their
-    input (global-retrieval) order. Returns the ids in the type given (list, ndarray or
-    tensor), and the counts in input order if `return_counts`. `kwargs` go to
-    `mutual_nn_count`.
-
-    The official `test.rerank` sorts with `np.argsort(counts)[::-1]`, which leaves the order
-    of equal counts to NumPy's unstable sort and then reverses it; the stable order here
-    is the deterministic choice (it only matters when counts are equal)."""
+    input (global-retrieval) order (`vprkit.rerank.descending_order`). Returns the ids in the
+    type given (list, ndarray or tensor), and the counts in input order if `return_counts`.
+    `kwargs` go to `mutual_nn_count`."""
     n_ids = len(candidate_ids)
     counts = mutual_nn_count(query_local, candidate_locals, **kwargs)
     if counts.shape[0] != n_ids:
         raise ValueError(f"{n_ids} candidate ids for {counts.shape[0]} candidate feature maps")
-    order = np.argsort(-counts.cpu().numpy(), kind="stable")
-    if isinstance(candidate_ids, Tensor):
-        ranked = candidate_ids[torch.as_tensor(order, device=candidate_ids.device)]
-    elif isinstance(candidate_ids, np.ndarray):
-        ranked = candidate_ids[order]
-    else:
-        ranked = [candidate_ids[i] for i in order]
+    ranked = rerank_by_scores(candidate_ids, counts.cpu().numpy())
     return (ranked, counts) if return_counts else ranked
 
 
-class LocalFeatureCache:
-    """Per-image local features of one split in a single memory-mapped `.npy` on disk
-    (N, D, h, w), so that re-ranking a Pitts30k-size set (about 32 GB in fp32) need not
-    fit in RAM; rows are read lazily, only for the candidates being re-ranked.
+def mnn_scorer(inputs: RerankInputs) -> ScoreFn:
+    """The `mnn` re-ranker: mutual-NN counts of the query's map against each candidate's."""
+    query_local, database_local, device = inputs.query_local, inputs.database_local, inputs.device
 
-    Writing: `LocalFeatureCache.create(path, num_images, (128, 61, 61))`, then `write(...)`
-    batches, then `close()` (or use it as a context manager). Data goes to a temporary file in
-    the same folder that is renamed onto `path` only when every row was written, so a reader
-    never sees a half-written cache; on an exception the temporary file is removed.
-    Reading: `LocalFeatureCache.open(path)[indices]` gives a float32 tensor (K, D, h, w).
+    def mnn(q: int, candidates: np.ndarray) -> np.ndarray:
+        counts = mutual_nn_count(
+            query_local[q].to(device),
+            database_local[candidates].to(device),
+            memory_budget_bytes=inputs.memory_budget_bytes,
+            precision=inputs.precision,
+        )
+        return counts.cpu().numpy()
 
-    Storage dtype: float16 by default (0.95 MB per 61x61x128 image instead of 1.9 MB). fp16
-    rounds each feature by up to 2^-11 relative, which moves similarities by up to ~1e-3 and
-    flips near-tied argmaxes, so counts from fp16-stored features can differ from counts on
-    the fp32 features the model produced (counting itself stays exact for the stored values).
-    Measured on random 61x61x128 data (benchmarks/bench_mnn.py's inputs, K=100, counts
-    1800-3721): 44 of 100 counts changed, by 1 to 3; the top-1 was unchanged but candidates
-    whose counts were within a few of each other swapped places (positions 48 onwards);
-    on 30 unrelated random candidates 24 counts changed, by at most 3. Use
-    `dtype="float32"` to reproduce the official fp32 pipeline exactly.
-    """
+    return mnn
 
-    def __init__(self, path: str | Path, array: np.ndarray, writing: bool, final: Path) -> None:
-        self.path = Path(path)
-        self._array = array
-        self._writing = writing
-        self._final = final
-        self._written = np.zeros(len(array), dtype=bool) if writing else None
 
-    @classmethod
-    def create(
-        cls,
-        path: str | Path,
-        num_images: int,
-        feature_shape: Sequence[int],
-        dtype: str | np.dtype = "float16",
-    ) -> LocalFeatureCache:
-        """A new cache of `num_images` maps of `feature_shape` (e.g. (128, 61, 61))."""
-        dtype = np.dtype(dtype)
-        if dtype not in (np.dtype("float16"), np.dtype("float32")):
-            raise ValueError(f"dtype must be float16 or float32, got {dtype}")
-        if num_images < 0:
-            raise ValueError(f"num_images must be >= 0, got {num_images}")
-        final = Path(path)
-        if final.suffix != ".npy":
-            raise ValueError(f"{final}: a local feature cache is a .npy file")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=final.name + ".", suffix=".tmp", dir=final.parent)
-        os.close(fd)
-        shape = (int(num_images), *map(int, feature_shape))
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-        return cls(tmp, array, writing=True, final=final)
-
-    @classmethod
-    def open(cls, path: str | Path) -> LocalFeatureCache:
-        """An existing cache, memory-mapped read-only."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"local feature cache not found: {path}")
-        try:
-            array = np.load(path, mmap_mode="r")
-        except ValueError as err:
-            raise ValueError(f"{path}: not a readable .npy local feature cache ({err})") from err
-        if array.ndim < 2 or array.dtype not in (np.float16, np.float32):
-            raise ValueError(f"{path}: expected a float16/float32 (N, ...) array, got {array}")
-        return cls(path, array, writing=False, final=path)
-
-    def __len__(self) -> int:
-        return len(self._array)
-
-    @property
-    def feature_shape(self) -> tuple[int, ...]:
-        return tuple(self._array.shape[1:])
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._array.dtype
-
-    def write(self, indices: Sequence[int] | np.ndarray | Tensor, features: Tensor) -> None:
-        """Store `features` (B, *feature_shape) at rows `indices` (B,)."""
-        if not self._writing:
-            raise ValueError(f"{self.path} was opened read-only")
-        idx = np.asarray(torch.as_tensor(indices).cpu(), dtype=np.int64).reshape(-1)
-        feats = torch.as_tensor(features).detach().cpu()
-        if tuple(feats.shape) != (len(idx), *self.feature_shape):
-            raise ValueError(
-                f"features of shape {tuple(feats.shape)} for {len(idx)} indices; expected "
-                f"{(len(idx), *self.feature_shape)}"
-            )
-        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
-            raise IndexError(f"indices out of range for a cache of {len(self)} images")
-        self._array[idx] = feats.float().numpy().astype(self.dtype)
-        self._written[idx] = True
-
-    def __getitem__(self, indices: int | Sequence[int] | np.ndarray | Tensor) -> Tensor:
-        """float32 tensor (K, *feature_shape) for a list of indices, or one map for an int."""
-        if isinstance(indices, (int, np.integer)):
-            return torch.from_numpy(np.array(self._array[int(indices)], dtype=np.float32))
-        idx = np.asarray(torch.as_tensor(indices).cpu(), dtype=np.int64).reshape(-1)
-        return torch.from_numpy(np.array(self._array[idx], dtype=np.float32))
-
-    def close(self) -> None:
-        """Flush; when writing, check every row was written and publish the file atomically."""
-        if not self._writing:
-            self._array = None
-            return
-        missing = np.flatnonzero(~self._written)
-        if len(missing):
-            self.abort()
-            raise ValueError(
-                f"{self._final}: {len(missing)} of {len(self._written)} rows were never "
-                f"written (first: {missing[:5].tolist()}); nothing was saved"
-            )
-        self._array.flush()
-        self._array = None
-        os.replace(self.path, self._final)
-        self.path, self._writing = self._final, False
-        self._array = np.load(self._final, mmap_mode="r")
-
-    def abort(self) -> None:
-        """Discard a cache being written."""
-        if self._writing:
-            self._array = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-            self._writing = False
-
-    def __enter__(self) -> LocalFeatureCache:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
-        else:
-            self.close()
+register_reranker(
+    Reranker(
+        "mnn",
+        "SelaVPR: count of mutual nearest-neighbour pairs between dense local maps",
+        mnn_scorer,
+        local_features=(LOCAL_DESC,),
+    )
+)

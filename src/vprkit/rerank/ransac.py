@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vprkit.rerank.base import Reranker, RerankInputs, ScoreFn, register_reranker
+from vprkit.rerank.local_features import LOCAL_DESC, feature_kind
+
 MIN_POINTS = {"homography": 4, "fundamental": 8}
 
 
@@ -36,7 +39,8 @@ def dense_keypoints(local_desc: torch.Tensor | np.ndarray, image_hw: tuple[int, 
 
 def r2former_keypoints(tokens: torch.Tensor | np.ndarray, image_hw: tuple[int, int]) -> Keypoints:
     """R2Former's (K, 131) tokens `[x, y, attention, feature128]`: x and y are normalized by
-    max(H, W) (SPEC §3.2), so they scale back to pixels by it."""
+    max(H, W) (as in the official bytedance/R2Former code), so they scale back to pixels by
+    it."""
     tokens = np.asarray(tokens, dtype=np.float32)
     scale = max(image_hw)
     return Keypoints(tokens[:, 3:].copy(), tokens[:, :2] * scale)
@@ -95,7 +99,38 @@ def ransac_scores(
     return scores
 
 
-def rerank_by_scores(candidate_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Candidates sorted by descending score; ties keep their first-stage order."""
-    order = np.argsort(-np.asarray(scores), kind="stable")
-    return np.asarray(candidate_ids)[order]
+def _ransac_scorer(model_name: str):
+    """The scorer of the `ransac_<model_name>` re-ranker."""
+
+    def make(inputs: RerankInputs) -> ScoreFn:
+        dense = feature_kind(inputs.query_local.feature_shape) == LOCAL_DESC
+        to_keypoints = dense_keypoints if dense else r2former_keypoints
+
+        def keypoints(cache, index) -> Keypoints:
+            return to_keypoints(cache[int(index)].numpy(), inputs.image_hw)
+
+        def ransac(q: int, candidates: np.ndarray) -> np.ndarray:
+            query = keypoints(inputs.query_local, q)
+            cands = [keypoints(inputs.database_local, c) for c in candidates]
+            return ransac_scores(query, cands, model=model_name)
+
+        return ransac
+
+    return make
+
+
+_BASELINE = "on mutual-NN matches of local features (geometric verification; needs OpenCV)"
+register_reranker(
+    Reranker(
+        "ransac_homography",
+        f"inliers of a RANSAC homography {_BASELINE}",
+        _ransac_scorer("homography"),
+    )
+)
+register_reranker(
+    Reranker(
+        "ransac_fundamental",
+        f"inliers of a RANSAC fundamental matrix {_BASELINE}",
+        _ransac_scorer("fundamental"),
+    )
+)

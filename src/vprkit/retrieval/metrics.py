@@ -9,6 +9,7 @@ from sklearn import metrics as skm
 
 __all__ = [
     "auc_pr",
+    "first_correct_rank",
     "format_recalls",
     "per_query_correct",
     "precision_recall_curve",
@@ -17,8 +18,9 @@ __all__ = [
 ]
 
 
-def _first_hits(predictions: np.ndarray, positives: Sequence[np.ndarray]) -> np.ndarray:
-    """Per query, the 0-based rank of the first correct prediction (int64 max if none)."""
+def first_correct_rank(predictions: np.ndarray, positives: Sequence[np.ndarray]) -> np.ndarray:
+    """1-based rank of each query's first correct prediction, 0 when none is correct (int64,
+    (num_queries,)). `predictions` is (num_queries, K), or (num_queries,) for one each."""
     preds = np.asarray(predictions)
     if preds.ndim == 1:
         preds = preds[:, None]
@@ -28,12 +30,17 @@ def _first_hits(predictions: np.ndarray, positives: Sequence[np.ndarray]) -> np.
         raise ValueError(
             f"predictions cover {len(preds)} queries but positives cover {len(positives)}"
         )
-    first = np.full(len(preds), np.iinfo(np.int64).max, dtype=np.int64)
+    ranks = np.zeros(len(preds), dtype=np.int64)
     for qi, (row, pos) in enumerate(zip(preds, positives, strict=True)):
         hit = np.flatnonzero(np.isin(row, np.asarray(pos)))
         if len(hit):
-            first[qi] = hit[0]
-    return first
+            ranks[qi] = hit[0] + 1
+    return ranks
+
+
+def _correct_within(ranks: np.ndarray, n: int) -> np.ndarray:
+    """Whether each query's first correct prediction is among its first `n`."""
+    return (ranks > 0) & (ranks <= n)
 
 
 def per_query_correct(
@@ -42,7 +49,7 @@ def per_query_correct(
     """Boolean (num_queries,): whether any of the first ``n`` predictions is a positive."""
     if isinstance(n, bool) or int(n) != n or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
-    return _first_hits(predictions, positives) < n
+    return _correct_within(first_correct_rank(predictions, positives), n)
 
 
 def recall_at_n(
@@ -65,8 +72,8 @@ def recall_at_n(
         raise ValueError(f"ns must be positive integers, got {ns}")
     if len(positives) == 0:
         raise ValueError("recall is undefined for zero queries")
-    first = _first_hits(predictions, positives)
-    return {n: float(np.count_nonzero(first < n)) / len(first) * 100.0 for n in ns}
+    ranks = first_correct_rank(predictions, positives)
+    return {n: float(np.count_nonzero(_correct_within(ranks, n))) / len(ranks) * 100.0 for n in ns}
 
 
 def format_recalls(recalls: dict[int, float]) -> str:
