@@ -11,6 +11,9 @@ Layouts:
   ``<name>_gt.npy`` (or MSLS-val's ``_qIdx.npy`` / ``_pIdx.npy``).
 - ``folders``: any database folder and queries folder.
 
+Detecting the layout of a folder is :mod:`vprkit.data.formats`' job (one module per layout,
+:func:`vprkit.data.formats.open_dataset`); :func:`load_dataset` calls it.
+
 Readers only list files; they never decode images. Pickled ``.npy`` files are read with a
 restricted unpickler that can rebuild NumPy arrays and nothing else.
 """
@@ -42,13 +45,6 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-KNOWN_LAYOUTS = {
-    "vg": "<dataset>/images/<split>/{database,queries}/ with @utm_east@utm_north@...@.jpg names "
-    "(or the images/ or split folder itself)",
-    "vprbench": "<dataset>/{query,ref}/ with numbered N.jpg and ground_truth_new.npy",
-    "gsv_val": "<folder>/<name>_dbImages.npy, <name>_qImages.npy, <name>_gt.npy "
-    "(GSV-Cities validation lists)",
-}
 _CHECK_MODES = ("sample", "all")
 _SAMPLE_CHECKS = 32
 
@@ -703,11 +699,6 @@ def read_folders(
     )
 
 
-def _gsv_names(folder: Path) -> list[str]:
-    suffix = "_dbImages.npy"
-    return sorted(p.name[: -len(suffix)] for p in folder.glob(f"*{suffix}") if p.is_file())
-
-
 def load_dataset(
     path: str | os.PathLike,
     *,
@@ -717,45 +708,19 @@ def load_dataset(
     no_labels: bool = False,
     check_paths: str = "sample",
 ) -> PlaceDataset:
-    """Read a dataset, detecting its layout (VG, VPR-Bench, GSV-Cities val lists) on disk.
+    """Read a dataset, detecting its layout on disk: :func:`vprkit.data.formats.open_dataset`.
 
     ``split`` is used by the VG layout; ``name`` and ``image_root`` by GSV-Cities lists
-    (``name`` is needed when the folder holds several sets); ``no_labels`` by VG and
-    VPR-Bench.
+    (``name`` is needed when the folder holds several sets); ``no_labels`` by VG, VPR-Bench
+    and plain folders. A non-default option the detected layout does not take is an error.
     """
-    folder = _absolute(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"Folder {folder} does not exist")
-    found = []
-    if _find_vg_split(folder, split, "database", "queries") is not None:
-        found.append("vg")
-    if (folder / "query").is_dir() and (folder / "ref").is_dir():
-        found.append("vprbench")
-    gsv_names = _gsv_names(folder)
-    if gsv_names:
-        found.append("gsv_val")
-    if not found:
-        known = "\n".join(f"  {k}: {v}" for k, v in KNOWN_LAYOUTS.items())
-        raise ValueError(
-            f"{folder}: no known dataset layout found. Known layouts:\n{known}\n"
-            "For other folders use read_folders(database_folder, queries_folder)."
-        )
-    if len(found) > 1:
-        raise ValueError(
-            f"{folder}: matches several layouts ({', '.join(found)}); call the reader for the "
-            "one you mean (read_vg_dataset, read_vprbench, read_gsv_val)"
-        )
-    layout = found[0]
-    if layout == "vg":
-        return read_vg_dataset(folder, split, no_labels=no_labels, check_paths=check_paths)
-    if layout == "vprbench":
-        return read_vprbench(folder, no_labels=no_labels)
-    if name is None:
-        if len(gsv_names) > 1:
-            raise ValueError(
-                f"{folder} holds several GSV-Cities lists ({', '.join(gsv_names)}); pass name="
-            )
-        name = gsv_names[0]
-    elif name not in gsv_names:
-        raise FileNotFoundError(f"{folder}: no {name}_dbImages.npy (found: {', '.join(gsv_names)})")
-    return read_gsv_val(folder, name, image_root=image_root, check_paths=check_paths)
+    from vprkit.data.formats import open_dataset  # the registry imports this module
+
+    return open_dataset(
+        path,
+        split=split,
+        name=name,
+        image_root=image_root,
+        no_labels=no_labels,
+        check_paths=check_paths,
+    )

@@ -689,6 +689,40 @@ def _check_root(root: Path, cities: Sequence[str]) -> None:
             )
 
 
+def _read_city(root: Path, city: str, mode: str, subtask: str) -> dict[str, _Side] | None:
+    """The query and database side of one city, or None (logged) when one is left empty."""
+    sides: dict[str, _Side] = {}
+    for side in SIDES:
+        folder = _city_folder(root, city) / side
+        if mode == "test":
+            sides[side], counts = _read_test_side(folder, subtask)
+        elif mode == "downloader":
+            sides[side], counts = _read_downloader_side(folder)
+        else:
+            subtask_filter = subtask if mode == "val" else None
+            with_meta = mode == "train" and side == "query"
+            sides[side], counts = _read_labelled_side(folder, subtask_filter, with_meta)
+        logger.debug("MSLS %s/%s: %s -> %d kept", city, side, counts, len(sides[side].keys))
+    q, db = sides["query"], sides["database"]
+    if not q.keys or not db.keys:
+        empty = "query" if not q.keys else "database"
+        logger.warning(
+            "MSLS: skipping city %s: no %s image left after the filters (subtask %r, "
+            "panoramas excluded) in %s",
+            city,
+            empty,
+            subtask,
+            _city_folder(root, city) / empty,
+        )
+        return None
+    for side, s in sides.items():
+        source = "raw.csv" if mode == "downloader" else "seq_info.csv"
+        _check_images_listed(
+            root, city, side, s.keys, str(_city_folder(root, city) / side / source)
+        )
+    return sides
+
+
 def _build(
     root: Path,
     cities: tuple[str, ...],
@@ -709,36 +743,11 @@ def _build(
     sideways: list[int] = []
     skipped: list[str] = []
     for ci, city in enumerate(cities):
-        sides: dict[str, _Side] = {}
-        for side in SIDES:
-            folder = _city_folder(root, city) / side
-            if mode == "test":
-                sides[side], counts = _read_test_side(folder, subtask)
-            elif mode == "downloader":
-                sides[side], counts = _read_downloader_side(folder)
-            else:
-                subtask_filter = subtask if mode == "val" else None
-                with_meta = mode == "train" and side == "query"
-                sides[side], counts = _read_labelled_side(folder, subtask_filter, with_meta)
-            logger.debug("MSLS %s/%s: %s -> %d kept", city, side, counts, len(sides[side].keys))
-        q, db = sides["query"], sides["database"]
-        if not q.keys or not db.keys:
-            empty = "query" if not q.keys else "database"
-            logger.warning(
-                "MSLS: skipping city %s: no %s image left after the filters (subtask %r, "
-                "panoramas excluded) in %s",
-                city,
-                empty,
-                subtask,
-                _city_folder(root, city) / empty,
-            )
+        sides = _read_city(root, city, mode, subtask)
+        if sides is None:
             skipped.append(city)
             continue
-        for side, s in sides.items():
-            source = "raw.csv" if mode == "downloader" else "seq_info.csv"
-            _check_images_listed(
-                root, city, side, s.keys, str(_city_folder(root, city) / side / source)
-            )
+        q, db = sides["query"], sides["database"]
         offset = len(db_keys)
         db_keys.extend(db.keys)
         db_city.extend([ci] * len(db.keys))
@@ -847,6 +856,21 @@ def is_msls_root(folder: str | os.PathLike) -> bool:
     return (Path(folder) / "train_val").is_dir()
 
 
+def _check_read_arguments(split: str, subtask: str, val_split: str, positive_radius: float) -> None:
+    if split not in MSLS_CITIES:
+        raise ValueError(f"split must be one of {', '.join(MSLS_CITIES)}, got {split!r}")
+    if subtask not in MSLS_SUBTASKS:
+        raise ValueError(f"subtask must be one of {', '.join(MSLS_SUBTASKS)}, got {subtask!r}")
+    if val_split not in VAL_SPLITS:
+        raise ValueError(f"val_split must be one of {', '.join(VAL_SPLITS)}, got {val_split!r}")
+    if val_split == "downloader" and split != "val":
+        raise ValueError("val_split='downloader' only applies to split='val'")
+    if val_split == "downloader" and subtask != "all":
+        raise ValueError("the downloader split has no subtasks; use subtask='all'")
+    if not (math.isfinite(positive_radius) and positive_radius >= 0):
+        raise ValueError(f"positive_radius must be a non-negative number, got {positive_radius}")
+
+
 def read_msls(
     root: str | os.PathLike,
     split: str = "val",
@@ -867,18 +891,7 @@ def read_msls(
     instead (see the module docstring). ``cache_dir`` overrides ``<root>/.vprkit_msls_cache``
     (e.g. for a read-only dataset).
     """
-    if split not in MSLS_CITIES:
-        raise ValueError(f"split must be one of {', '.join(MSLS_CITIES)}, got {split!r}")
-    if subtask not in MSLS_SUBTASKS:
-        raise ValueError(f"subtask must be one of {', '.join(MSLS_SUBTASKS)}, got {subtask!r}")
-    if val_split not in VAL_SPLITS:
-        raise ValueError(f"val_split must be one of {', '.join(VAL_SPLITS)}, got {val_split!r}")
-    if val_split == "downloader" and split != "val":
-        raise ValueError("val_split='downloader' only applies to split='val'")
-    if val_split == "downloader" and subtask != "all":
-        raise ValueError("the downloader split has no subtasks; use subtask='all'")
-    if not (math.isfinite(positive_radius) and positive_radius >= 0):
-        raise ValueError(f"positive_radius must be a non-negative number, got {positive_radius}")
+    _check_read_arguments(split, subtask, val_split, positive_radius)
     root = Path(os.path.abspath(root))
     names = _resolve_cities(cities, split)
     _check_root(root, names)

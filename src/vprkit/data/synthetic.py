@@ -44,6 +44,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from vprkit.atomic import atomic_path, write_text
+from vprkit.data.datasets import parse_utm
 from vprkit.data.gsv_cities import GSV_COLUMNS, gsv_image_name
 
 FORMAT_VERSION = 1
@@ -845,6 +846,7 @@ def _facade_id(split: str, street_id: int, k: int) -> int:
 
 def build_street(world: WorldParams, split: str, street_id: int) -> Street:
     """Generate the buildings, vegetation and lamps of one street, deterministically."""
+    # One function on purpose: every draw comes from one rng in this order, which fixes the city.
     lay = street_layout(world.seed, split, street_id)
     styles = make_styles(world.seed, world.n_styles)
     rng = _rng(world.seed, "street", split, street_id)
@@ -1363,6 +1365,7 @@ def _shade(
     rng: np.random.Generator,
 ) -> np.ndarray:
     """Linear RGB (H*W, 3) from the G-buffer under the condition's illumination."""
+    # Long but linear (surfaces, light, glass, fog); split, each step would take a dozen arrays.
     n = rays.shape[0]
     img = np.empty((n, 3), np.float32)
     sky = ~np.isfinite(gb.t)
@@ -1640,10 +1643,8 @@ def vg_image_name(
     )
 
 
-def parse_vg_utm(name: str) -> tuple[float, float]:
-    """(east, north) from a VG-format file name (fields 1 and 2 split on '@')."""
-    parts = Path(name).name.split("@")
-    return float(parts[1]), float(parts[2])
+# The VG name parser is the one the readers use (the name kept for older callers).
+parse_vg_utm = parse_utm
 
 
 def _write_jpeg(path: Path, image: np.ndarray, quality: int) -> None:
@@ -1878,7 +1879,7 @@ def raw_pixel_recall(
                 for f in files
             ]
         )
-        utm = np.array([parse_vg_utm(f.name) for f in files])
+        utm = np.array([parse_utm(f.name) for f in files])
         return feats, utm
 
     db, db_utm = load("database")

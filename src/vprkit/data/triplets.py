@@ -5,7 +5,8 @@
 MSLS code computes them) and everything below works on them unchanged.
 
 The mining follows gmberton's deep-visual-geo-localization-benchmark (``datasets_ws.py``,
-``TripletsDataset``), which SelaVPR uses unchanged and R2Former extends (SPEC 2.4, 3.5):
+``TripletsDataset``), which SelaVPR uses unchanged and R2Former extends (as in the official
+code, Lu-Feng/SelaVPR and bytedance/R2Former):
 
 - per query, the *soft positives* are the database images within
   ``val_positive_dist_threshold`` (25 m) and the *hard-positive candidates* those within
@@ -46,9 +47,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vprkit.data.datasets import PlaceDataset, _find_vg_split, read_vg_dataset
+from vprkit.data.datasets import PlaceDataset, read_vg_dataset
+from vprkit.data.formats import open_training_data
 from vprkit.data.images import Preprocess, load_image, normalize, to_tensor
-from vprkit.data.msls import MSLSTrainIndex, is_msls_root, read_msls_train
+from vprkit.data.msls import MSLSTrainIndex
 from vprkit.retrieval.ground_truth import positives_within_radius
 
 __all__ = [
@@ -261,71 +263,22 @@ def load_triplet_data(
     val_positive_dist_threshold: float = 25.0,
     msls_cities: str | Sequence[str] | None = None,
 ) -> TripletData:
-    """The training split of ``folder``, a Mapillary SLS root or a VG-format dataset.
+    """The training split of ``folder``: :func:`vprkit.data.formats.open_training_data`.
 
-    An MSLS root (``<folder>/train_val/``) is read with :func:`read_msls_train` (cities
-    ``msls_cities``, default the 22 official train cities; positives within
+    A Mapillary SLS root (``<folder>/train_val/``) is read with :func:`read_msls_train`
+    (cities ``msls_cities``, default the 22 official train cities; positives within
     ``train_positives_dist_threshold``, non-negatives within ``val_positive_dist_threshold``)
     and wrapped by :meth:`TripletData.from_msls`; ``split`` must then be ``"train"``.
-    Anything else is read as a VG split by :meth:`TripletData.from_folder`.
+    A VG dataset's ``split`` is read by :meth:`TripletData.from_folder`.
     """
-    path = Path(os.path.abspath(folder))
-    if not path.is_dir():
-        raise FileNotFoundError(f"Folder {path} does not exist")
-    if is_msls_root(path):
-        if split != "train":
-            raise ValueError(
-                f"{path} is a Mapillary SLS root: triplet training reads its train cities, "
-                f"so split must be 'train', got {split!r} (validate with read_msls(root, 'val') "
-                "or `vprkit eval`)"
-            )
-        train_thr = float(train_positives_dist_threshold)
-        val_thr = float(val_positive_dist_threshold)
-        index = read_msls_train(
-            path,
-            cities=msls_cities,
-            positive_radius=train_thr,
-            non_negative_radius=val_thr,
-            # Unused here, but read_msls_train needs it >= the non-negative radius.
-            hard_non_negative_radius=max(50.0, val_thr),
-        )
-        data = TripletData.from_msls(index)
-        logger.info(
-            "training data: Mapillary SLS layout at %s, cities %s: %d queries (%d dropped "
-            "without a positive within %g m), %d database images",
-            path,
-            ", ".join(index.cities),
-            data.num_queries,
-            data.num_dropped_queries,
-            train_thr,
-            data.num_database,
-        )
-        return data
-    if msls_cities is not None:
-        raise ValueError(f"msls_cities was given but {path} is not an MSLS root (no train_val/)")
-    if _find_vg_split(path, split, "database", "queries") is None:
-        raise FileNotFoundError(
-            f"{path}: no training data found: neither a Mapillary SLS root "
-            f"(<root>/train_val/<city>/{{query,database}}/) nor a VG dataset "
-            f"(<dataset>/images/{split}/{{database,queries}}/)"
-        )
-    data = TripletData.from_folder(
-        path,
-        split,
-        train_positives_dist_threshold=train_positives_dist_threshold,
-        val_positive_dist_threshold=val_positive_dist_threshold,
-    )
-    logger.info(
-        "training data: VG layout at %s (split %s): %d queries (%d dropped without a database "
-        "image within %g m), %d database images",
-        data.dataset.root,
-        split,
-        data.num_queries,
-        data.num_dropped_queries,
-        data.train_positives_dist_threshold,
-        data.num_database,
-    )
-    return data
+    options: dict[str, object] = {
+        "split": split,
+        "train_positives_dist_threshold": train_positives_dist_threshold,
+        "val_positive_dist_threshold": val_positive_dist_threshold,
+    }
+    if msls_cities is not None:  # only formats with cities take it
+        options["msls_cities"] = msls_cities
+    return open_training_data(folder, **options)
 
 
 # ---------------------------------------------------------------------------------------
@@ -574,24 +527,9 @@ class TripletMiner:
                 positives[j] = cands[np.argmin(np.einsum("ij,ij->i", diff, diff))]
             soft = data.soft_positives[p]
             if self.mining in ("partial", "full"):
-                if sampled_db is not None:
-                    pool = np.setdiff1d(sampled_db, soft, assume_unique=True)
-                else:
-                    drawn = rng.choice(
-                        data.num_database, self.neg_samples_num_clipped, replace=False
-                    )
-                    pool = np.setdiff1d(drawn, soft, assume_unique=True)
-                    pool = np.union1d(self.neg_cache.get(int(p), pool[:0]), pool)
-                if len(pool) < negs:
-                    raise ValueError(
-                        f"query {data.dataset.query_paths[data.query_ids[p]]}: only {len(pool)} "
-                        f"of the sampled database images are negatives, fewer than "
-                        f"negs_num_per_query={negs}; raise neg_samples_num"
-                    )
-                rows = np.searchsorted(db_rows, pool)
-                chosen = pool[_nearest(q_feats[j], db_feats[rows], negs)]
-                if self.mining == "full":
-                    self.neg_cache[int(p)] = chosen
+                chosen = self._hardest_negatives(
+                    p, q_feats[j], soft, sampled_db, db_rows, db_feats, rng
+                )
             elif self.mining == "random":
                 # Enough draws that at least `negs` survive removing the soft positives;
                 # kept in draw order (the benchmark's setdiff1d sorts, favouring low indices).
@@ -611,6 +549,36 @@ class TripletMiner:
                 self.neg_hardness,
             )
         return Triplets(data.query_ids[queries].astype(np.int64), positives, negatives)
+
+    def _hardest_negatives(
+        self,
+        position: int,
+        query_feature: np.ndarray,
+        soft: np.ndarray,
+        sampled_db: np.ndarray | None,
+        db_rows: np.ndarray,
+        db_feats: np.ndarray,
+        rng: np.random.Generator,
+    ) -> np.ndarray:
+        """``partial`` / ``full`` mining: the nearest non-soft-positives in feature space."""
+        data, negs = self.data, self.negs_num_per_query
+        if sampled_db is not None:
+            pool = np.setdiff1d(sampled_db, soft, assume_unique=True)
+        else:
+            drawn = rng.choice(data.num_database, self.neg_samples_num_clipped, replace=False)
+            pool = np.setdiff1d(drawn, soft, assume_unique=True)
+            pool = np.union1d(self.neg_cache.get(int(position), pool[:0]), pool)
+        if len(pool) < negs:
+            raise ValueError(
+                f"query {data.dataset.query_paths[data.query_ids[position]]}: only {len(pool)} "
+                f"of the sampled database images are negatives, fewer than "
+                f"negs_num_per_query={negs}; raise neg_samples_num"
+            )
+        rows = np.searchsorted(db_rows, pool)
+        chosen = pool[_nearest(query_feature, db_feats[rows], negs)]
+        if self.mining == "full":
+            self.neg_cache[int(position)] = chosen
+        return chosen
 
     def _precomputed_negatives(
         self, position: int, soft: np.ndarray, rng: np.random.Generator
