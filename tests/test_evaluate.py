@@ -322,10 +322,14 @@ def test_reranking_finds_what_the_global_stage_cannot(tmp_path, capsys, reranker
     assert summary["recalls"] == {"R@1": 100.0, "R@3": 100.0}
     assert summary["reranker"] == {"method": reranker, "rerank_num": 6}
     assert "global retrieval: R@1:" in printed and f"re-ranked ({reranker}, top 6)" in printed
-    assert sorted(p.name for p in cache.iterdir()) == [
-        "database_local_features.npy",
-        "queries_local_features.npy",
-    ]
+    # The features are kept as two features folders, local features memory-mapped.
+    assert sorted(p.name for p in cache.iterdir()) == ["database", "queries"]
+    for side in ("database", "queries"):
+        assert sorted(p.name for p in (cache / side).iterdir()) == [
+            "features.json",
+            "global.npy",
+            "local.npy",
+        ]
     rows = list(csv.DictReader(open(run / "predictions.csv")))
     assert all(r["correct_at_1"] == "True" for r in rows)
 

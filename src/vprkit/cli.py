@@ -1,13 +1,15 @@
 """`vprkit <verb> ...`: argument parsing only; each verb lives in its own module.
 
-A verb module defines `add_arguments(parser)` and `run(args) -> int`. Modules are imported
-only when their verb runs, so `vprkit --help` stays fast.
+A verb module defines `add_arguments(parser)` and `run(args) -> int`, or, for several verbs,
+`COMMANDS = {verb: (add_arguments, run)}`. Modules are imported only when their verb runs, so
+`vprkit --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 
 # verb -> (module, one-line help)
@@ -16,6 +18,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "models": ("vprkit.models.registry", "list the registered model names"),
     "weights": ("vprkit.hub", "list, download and verify official weight files"),
     "eval": ("vprkit.evaluate", "evaluate a model on a benchmark: Recall@N, results, pictures"),
+    "extract": ("vprkit.stage_commands", "stage 1: global (and local) descriptors of images"),
+    "retrieve": ("vprkit.stage_commands", "stage 2: each query's nearest database images"),
+    "rerank": ("vprkit.stage_commands", "stage 3: re-order candidates with local features"),
+    "score": ("vprkit.stage_commands", "stage 4: Recall@N of predictions against ground truth"),
     "train": ("vprkit.train.loop", "train a method (one loop; torchrun for several processes)"),
     "synth": ("vprkit.data.synthetic", "generate synthetic places (GSV-Cities and VG formats)"),
     "mine": ("vprkit.mine", "pre-compute hard negatives for training (R2Former's file)"),
@@ -44,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         sub_action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         module.add_arguments(sub_action.choices[verb])
     args = parser.parse_args(argv)
+    args._command = shlex.join(["vprkit", *argv])  # for the run folders' logs
     module = importlib.import_module(args._module)
     return int(module.run(args) or 0)
 

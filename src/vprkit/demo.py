@@ -131,22 +131,22 @@ def evaluate_model(
     preds_per_query: int,
     num_workers: int,
 ) -> dict:
-    """`vprkit eval` on the test streets; the recalls and the run folder."""
-    from vprkit.evaluate import add_arguments as eval_arguments
-    from vprkit.evaluate import evaluate
+    """`vprkit eval`'s pipeline on the test streets; the recalls and the run folder."""
+    from vprkit.data.formats import open_dataset
+    from vprkit.models.registry import create_model
+    from vprkit.pipeline import EvalConfig, evaluate
 
-    argv = ["--method", method["model"], "--dataset_folder", str(dataset)]
-    argv += ["--save_dir", str(out), "--run_name", name]
-    argv += ["--image_size", str(image_size), str(image_size)]
-    argv += ["--recall_values", *map(str, RECALL_VALUES), "--num_workers", str(num_workers)]
-    argv += ["--num_preds_to_save", str(preds_per_query)]
-    for key, value in model_options(method, image_size).items():
-        argv += ["--model_option", f"{key}={value!r}"]
-    if weights is not None:
-        argv += ["--weights", str(weights)]
-    parser = argparse.ArgumentParser()
-    eval_arguments(parser)
-    result = evaluate(parser.parse_args(argv))
+    options = model_options(method, image_size)
+    model = create_model(method["model"], weights=weights, **options)
+    config = EvalConfig(
+        recall_values=RECALL_VALUES,
+        image_size=(image_size, image_size),
+        num_workers=num_workers,
+        save_dir=out,
+        run_name=name,
+        num_preds_to_save=preds_per_query,
+    )
+    result = evaluate(model, open_dataset(dataset), config, weights=weights)
     return {
         "recalls": {f"R@{n}": v for n, v in result.recalls.items()},
         "run_dir": str(result.run_dir),

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from vprkit.atomic import save_npy, write_text
+from vprkit.cli_args import add_model_arguments, make_preprocess
 from vprkit.data.images import Preprocess
 from vprkit.data.triplets import TripletData, load_triplet_data
-from vprkit.evaluate import add_model_arguments, make_preprocess
 from vprkit.extract import PRECISIONS, extract_global_descriptors
 from vprkit.models.registry import create_model, list_models
 from vprkit.retrieval.search import search

@@ -1,0 +1,190 @@
+"""Stage 1, extract: a model over an image list -> global (and local) descriptors.
+
+`extract(model, image_paths, out=...)` writes a features folder (see
+`vprkit.pipeline.features`); run again with the same model, weights, preprocessing and
+settings it reads the folder instead of recomputing, and with other ones it refuses, naming
+what differs. Without `out` the descriptors stay in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import vprkit
+from vprkit.data.images import Preprocess, load_image
+from vprkit.errors import VprkitError
+from vprkit.extract import extract_global_descriptors
+from vprkit.pipeline import fingerprint as fp
+from vprkit.pipeline.features import (
+    Features,
+    is_features_folder,
+    load_features,
+    local_path,
+    publish,
+    staging_folder,
+)
+from vprkit.rerank.local_features import LocalFeatureCache
+
+
+def network_input_hw(preprocess: Preprocess, first_image: Path) -> tuple[int, int]:
+    """The network's input size: fixed by `image_size=(H, W)`, else that of the first image
+    after resizing (local-feature coordinates are in this frame)."""
+    if isinstance(preprocess.image_size, tuple):
+        return preprocess.image_size
+    shape = preprocess(load_image(first_image)).shape
+    return int(shape[1]), int(shape[2])
+
+
+def relative_names(paths: Sequence[Path], root: Path | None) -> list[str]:
+    """Image names relative to `root` (POSIX), or the absolute path without its leading /."""
+    names = []
+    for p in paths:
+        try:
+            names.append(Path(p).relative_to(root).as_posix())
+        except (ValueError, TypeError):
+            names.append(Path(p).as_posix().lstrip("/"))
+    return names
+
+
+def extract_fingerprint(
+    model: nn.Module,
+    names: Sequence[str],
+    paths: Sequence[Path],
+    preprocess: Preprocess,
+    batch_size: int,
+    precision: str,
+    local: bool,
+    local_dtype: str,
+) -> dict:
+    """What the descriptors depend on (not: device, worker count, where the images live)."""
+    return {
+        "model": fp.model_fingerprint(model),
+        "preprocess": json.loads(json.dumps(vars_of(preprocess))),
+        "batch_size": int(batch_size),
+        "precision": precision,
+        "local": {"dtype": local_dtype} if local else None,
+        "images": {"count": len(paths), "sha256": fp.images_sha256(names, paths)},
+    }
+
+
+def vars_of(preprocess: Preprocess) -> dict:
+    return {
+        "image_size": preprocess.image_size,
+        "crop": preprocess.crop,
+        "normalize": preprocess.normalize,
+        "mean": preprocess.mean,
+        "std": preprocess.std,
+    }
+
+
+def extract(
+    model: nn.Module,
+    image_paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike | None = None,
+    *,
+    preprocess: Preprocess,
+    root: str | os.PathLike | None = None,
+    local: bool = False,
+    local_dtype: str = "float32",
+    batch_size: int = 16,
+    num_workers: int = 0,
+    device: str = "cpu",
+    precision: str = "fp32",
+    weights: str | os.PathLike | None = None,
+    label: str = "images",
+    on_compute: Callable[[], None] | None = None,
+) -> Features:
+    """Descriptors of `image_paths`, in their order, in batches of `batch_size` (the last
+    one smaller; CricaVPR's descriptors depend on the batch). `local=True` also keeps the
+    model's local features (SelaVPR's dense maps, R2Former's tokens) for re-ranking.
+
+    `out`: a features folder to write, or to reuse when it exists with the same fingerprint.
+    `root`: names are recorded relative to it. `weights` is only recorded (the fingerprint
+    hashes the weights in memory). `on_compute` is called when the images are actually read.
+    """
+    paths = [Path(p) for p in image_paths]
+    if not paths:
+        raise VprkitError(f"no {label} to extract")
+    names = relative_names(paths, None if root is None else Path(root))
+    folder = None if out is None else Path(out)
+    # Hashing the weights costs a second for a ViT-L: only for features kept on disk.
+    wanted = {}
+    if folder is not None:
+        wanted = extract_fingerprint(
+            model, names, paths, preprocess, batch_size, precision, local, local_dtype
+        )
+    record = {
+        **fp.weights_record(weights),
+        "device": device,
+        "vprkit_version": vprkit.__version__,
+        "root": None if root is None else str(root),
+    }
+    if folder is not None and is_features_folder(folder):
+        existing = load_features(folder)
+        fp.check_same(existing.fingerprint, wanted, folder, "features")
+        return existing
+    if on_compute is not None:
+        on_compute()
+    staging = None if folder is None else staging_folder(folder)
+    cache: dict[str, LocalFeatureCache] = {}
+
+    def sink(indices: torch.Tensor, features: torch.Tensor) -> None:
+        if "local" not in cache:
+            where = local_path(staging) if staging else _temporary_local_path()
+            cache["local"] = LocalFeatureCache.create(
+                where, len(paths), features.shape[1:], local_dtype
+            )
+        cache["local"].write(indices, features)
+
+    try:
+        global_desc = extract_global_descriptors(
+            model,
+            paths,
+            preprocess,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            precision=precision,
+            label=label,
+            local_sink=sink if local else None,
+        )
+        if "local" in cache:
+            cache["local"].close()  # publishes the finished cache, reopened read-only
+    except BaseException:
+        if "local" in cache:
+            cache["local"].abort()
+        raise
+    features = Features(
+        names=names,
+        global_desc=global_desc,
+        image_hw=network_input_hw(preprocess, paths[0]),
+        fingerprint=json.loads(json.dumps(wanted)),
+        record=record,
+        local=cache.get("local"),
+    )
+    if staging is None:
+        return features
+    return publish(features, staging, folder)
+
+
+def _temporary_local_path() -> Path:
+    """In-memory extraction with local features still needs a file for them (they can be
+    tens of GB): a temporary folder, removed when the process ends."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="vprkit_local_"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder / "local.npy"
+
+
+def as_array(features: Features | np.ndarray) -> np.ndarray:
+    return np.asarray(features.global_desc if isinstance(features, Features) else features)

@@ -1,0 +1,71 @@
+"""Stage 2, retrieve: each query's k nearest database descriptors (exact search).
+
+Descriptors are L2-normalized and searched exactly, as the official evaluations do
+(`faiss.IndexFlatL2`); after a PCA projection they are searched as they come out of it, not
+re-normalized, as in the official code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import numpy as np
+
+from vprkit.pipeline.features import Features
+from vprkit.pipeline.fingerprint import digest
+from vprkit.pipeline.predictions import Predictions, reuse_or_none
+from vprkit.retrieval.search import PCAProjection, search, unnormalized_search
+
+
+def retrieve(
+    database: Features,
+    queries: Features,
+    k: int,
+    out: str | os.PathLike | None = None,
+    *,
+    pca: PCAProjection | None = None,
+    memory_budget_bytes: int | None = None,
+) -> Predictions:
+    """The top `k` database rows per query (k is clipped to the database size).
+
+    `pca`: project both sides first and search without re-normalizing (the official PCA
+    evaluation). `memory_budget_bytes` bounds the search's working memory (same ranking).
+    `out`: a predictions file to write, or to reuse when it exists with the same inputs.
+    """
+    k = min(int(k), len(database))
+    wanted = {
+        "stage": "retrieve",
+        "database": digest(database.fingerprint),
+        "queries": digest(queries.fingerprint),
+        "k": k,
+        "pca": None if pca is None else pca_digest(pca),
+    }
+    existing = reuse_or_none(out, wanted, "predictions")
+    if existing is not None:
+        return existing
+    db_desc, q_desc = np.asarray(database.global_desc), np.asarray(queries.global_desc)
+    start = time.perf_counter()
+    if pca is not None:
+        distances, indices = unnormalized_search(pca.transform(db_desc), pca.transform(q_desc), k)
+    else:
+        distances, indices = search(db_desc, q_desc, k, memory_budget_bytes=memory_budget_bytes)
+    predictions = Predictions(
+        indices=indices,
+        distances=distances,
+        query_names=queries.names,
+        database_names=database.names,
+        fingerprint=wanted,
+        record={"search_s": time.perf_counter() - start},
+    )
+    if out is not None:
+        predictions.save(out)
+    return predictions
+
+
+def pca_digest(pca: PCAProjection) -> dict:
+    h = hashlib.sha256()
+    for array in (pca.mean, pca.components):
+        h.update(np.ascontiguousarray(array).tobytes())
+    return {"dim": pca.output_dim, "sha256": h.hexdigest()[:16]}
