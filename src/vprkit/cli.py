@@ -32,11 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vprkit", description="Visual place recognition toolkit.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
-    for verb, (module_name, help_text) in VERBS.items():
-        verb_parser = sub.add_parser(
-            verb, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-        )
-        verb_parser.set_defaults(_module=module_name)
+    for verb, (_, help_text) in VERBS.items():
+        sub.add_parser(verb, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         # Arguments are added lazily below, only for the verb being run.
     return parser
 
@@ -46,13 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     verb = next((a for a in argv if not a.startswith("-")), None)
     if verb in VERBS:
-        module = importlib.import_module(VERBS[verb][0])
+        add_arguments, _ = _verb_functions(verb)
         sub_action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        module.add_arguments(sub_action.choices[verb])
+        add_arguments(sub_action.choices[verb])
     args = parser.parse_args(argv)
     args._command = shlex.join(["vprkit", *argv])  # for the run folders' logs
-    module = importlib.import_module(args._module)
-    return int(module.run(args) or 0)
+    _, run = _verb_functions(args.verb)
+    return int(run(args) or 0)
+
+
+def _verb_functions(verb: str):
+    module = importlib.import_module(VERBS[verb][0])
+    commands = getattr(module, "COMMANDS", None)
+    return commands[verb] if commands else (module.add_arguments, module.run)
 
 
 if __name__ == "__main__":
