@@ -16,11 +16,8 @@ import torch.nn.functional as F
 from conftest import SHARED_DATA
 
 import vprkit
-from vprkit.models.cricavpr import (
-    describe_eval_protocol,
-    official_infer_batch_size,
-    region_bounds,
-)
+from vprkit.models import model_info
+from vprkit.models.cricavpr import describe_eval_protocol, region_bounds
 from vprkit.weights import WeightsMismatchError, load_weights
 
 LAYOUT_FILE = SHARED_DATA.parent / "reference" / "dinov2_state_dict_layout.json"
@@ -177,7 +174,7 @@ def test_parameter_counts_and_trainable_set_full_size():
     for name, p in m.named_parameters():
         rule = "adapter" in name or name == "aggregation.1.p" or name.startswith("encoder.")
         assert p.requires_grad == rule, name
-    assert m.default_image_size == (224, 224)
+    assert model_info(m).image_size == (224, 224)
     assert m.global_dim == 10_752
     layer = m.encoder.layers[0]
     assert layer.self_attn.num_heads == 16 and not layer.self_attn.batch_first
@@ -446,17 +443,21 @@ def test_batch_coupling(tiny_model):
 
 
 def test_eval_protocol_helpers(tiny_model):
-    assert official_infer_batch_size("pitts30k") == 8
-    assert official_infer_batch_size("pitts250k") == 8
-    assert official_infer_batch_size("msls") == 16
-    assert official_infer_batch_size("tokyo247") == 16
-    assert tiny_model.official_infer_batch_size("pitts30k") == 8
+    info = model_info(tiny_model)
+    assert info.eval_batch_size("pitts30k") == 8
+    assert info.eval_batch_size("Pitts250k") == 8
+    assert info.eval_batch_size("msls") == 16
+    assert info.eval_batch_size("tokyo247") == 16
     line = describe_eval_protocol(16)
     assert "batch" in line and "16" in line and "WARNING" not in line and "\n" not in line
     assert "WARNING" in describe_eval_protocol(1) and "paper" in describe_eval_protocol(1)
     single = vprkit.create_model("cricavpr", batch_mode="single", **TINY)
-    assert "single" in single.describe_eval_protocol(16)
+    assert "single" in info.describe_protocol(single, 16)
+    assert info.describe_protocol(tiny_model, 8) == describe_eval_protocol(8)
+    # the attributes vprkit.evaluate still reads agree with the info
+    assert tiny_model.official_infer_batch_size("pitts30k") == 8
     assert tiny_model.describe_eval_protocol(8) == describe_eval_protocol(8)
+    assert tiny_model.default_image_size == info.image_size
 
 
 # --------------------------------------------------------------------------------------------

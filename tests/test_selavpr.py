@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import SHARED_DATA
 
 import vprkit
+from vprkit.models import model_info
 from vprkit.models.selavpr import local_map_size
 from vprkit.weights import WeightsMismatchError, load_weights
 
@@ -60,7 +61,7 @@ def test_parameter_counts_vitl_and_vitb():
     b = meta_model(backbone="dinov2_vitb14")
     assert round(n_params(p for p in b.parameters() if p.requires_grad) / 1e6, 1) == 16.2
     assert round(n_params(b.parameters()) / 1e6, 1) == 102.8
-    assert m.default_image_size == (224, 224)
+    assert model_info(m).image_size == (224, 224)
 
 
 def official_selavpr_layout() -> dict[str, list[int]]:

@@ -3,7 +3,7 @@
 
 import csv
 import json
-import os
+import signal
 import subprocess
 import sys
 
@@ -109,17 +109,35 @@ def test_resume_mid_epoch_gives_identical_weights(tiny_synthetic, tmp_path):
     straight, _ = train("gsv", {**cfg, "max_steps": 5, "run_name": "straight"})
     first, _ = train("gsv", {**cfg, "max_steps": 2, "run_name": "resumed"})
     assert read_checkpoint(first / "last.pth")["batch_in_epoch"] == 2
-    resumed, summary = train("gsv", {**cfg, "max_steps": 5}, resume=first / "last.pth")
-    assert resumed == first and summary["step"] == 5
+    steps = []
+    resumed, summary = train(
+        "gsv", {**cfg, "max_steps": 5}, resume=first / "last.pth", on_step=steps.append
+    )
+    assert resumed == first and summary["step"] == 5 and steps == [3, 4, 5]
     assert_same_weights(final_weights(straight), final_weights(resumed))
+
+
+# A training process that SIGKILLs itself right after optimizer step `kill_at` (through the
+# `on_step` callback), so the kill lands at an exact point without timing races.
+KILL_AT_STEP = """
+import json, os, signal, sys
+from vprkit.train.loop import train
+
+cfg, kill_at = json.loads(sys.argv[1]), int(sys.argv[2])
+
+def on_step(step):
+    if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train("gsv", cfg, on_step=on_step)
+"""
 
 
 def test_kill_9_loses_only_the_steps_since_the_last_checkpoint(tiny_synthetic, tmp_path):
     cfg = settings(tiny_synthetic, tmp_path, epochs=3, checkpoint_every=2, run_name="killed")
-    command = [sys.executable, "-m", "vprkit", "train", "gsv", *cli_args(cfg), "--max_steps", "5"]
-    env = {**os.environ, "VPRKIT_TEST_KILL_AT_STEP": "3"}
-    killed = subprocess.run(command, env=env, capture_output=True, text=True)
-    assert killed.returncode == -9, killed.stderr[-2000:]
+    command = [sys.executable, "-c", KILL_AT_STEP, json.dumps({**cfg, "max_steps": 5}), "3"]
+    killed = subprocess.run(command, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     (run_dir,) = (tmp_path / "runs" / "killed").iterdir()
     checkpoint = read_checkpoint(run_dir / "last.pth")  # intact, from step 2
     assert checkpoint["step"] == 2

@@ -124,7 +124,8 @@ def _build_table() -> dict[str, WeightsEntry]:
             name="selavpr_reg4_msls",
             url=None,
             filename="SelaVPR_reg4_msls.pth",
-            description="SelaVPR (ICLR 2024), DINOv2 ViT-L/14 with registers, MSLS",
+            description="SelaVPR (ICLR 2024), DINOv2 ViT-L/14 with registers, MSLS "
+            "(model option backbone=dinov2_vitl14_reg4)",
             manual=_SELAVPR_NOTE,
         ),
         WeightsEntry(
@@ -251,81 +252,21 @@ def download(
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_suffix(dest.suffix + ".part")
 
-    offset = part.stat().st_size if part.exists() else 0
-    headers = {"User-Agent": "vprkit", "Accept-Encoding": "identity"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    request = urllib.request.Request(url, headers=headers)
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416 and offset:
-            _, total = _parse_content_range(exc.headers.get("Content-Range"))
-            exc.close()
-            if total == offset:
-                # The previous run received everything but stopped before the rename.
-                return _finish(part, dest, sha256, sha256_prefix)
-            part.unlink()  # the .part does not fit the file on the server: start over
-            return download(url, dest, sha256, sha256_prefix, progress, chunk_size, timeout)
-        raise DownloadError(
-            f"download of {url} failed: HTTP {exc.code} {exc.reason}{_resume_hint(part)}"
-        ) from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise DownloadError(f"download of {url} failed: {reason}{_resume_hint(part)}") from None
-
+    response, offset = _request(url, part, timeout)
+    if response is None:
+        # The previous run received everything but stopped before the rename.
+        return _finish(part, dest, sha256, sha256_prefix)
     with response:
-        status = response.getcode()
-        length = response.headers.get("Content-Length")
-        length = int(length) if length and length.isdigit() else None
-        if offset and status == 206:
-            start, total = _parse_content_range(response.headers.get("Content-Range"))
-            if start != offset:
-                # A range we did not ask for: appending it would corrupt the file.
-                response.close()
-                part.unlink()
-                return download(url, dest, sha256, sha256_prefix, progress, chunk_size, timeout)
-            if total is None and length is not None:
-                total = offset + length
-            mode = "ab"
-        else:
-            # 200 (the server ignores Range, or there was nothing to resume): start over.
-            offset, total, mode = 0, length, "wb"
-
-        digest = hashlib.sha256()
-        if offset:
-            with open(part, "rb") as f:
-                while chunk := f.read(chunk_size):
-                    digest.update(chunk)
-        with (
-            open(part, mode) as out,
-            tqdm(
-                total=total,
-                initial=offset,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=dest.name,
-                file=sys.stderr,
-                disable=not progress,
-            ) as bar,
-        ):
-            received = offset
-            while True:
-                try:
-                    chunk = response.read(chunk_size)
-                except (OSError, http.client.HTTPException) as exc:
-                    out.close()
-                    raise DownloadError(
-                        f"download of {url} was interrupted ({type(exc).__name__}: {exc})"
-                        f"{_resume_hint(part)}"
-                    ) from None
-                if not chunk:
-                    break
-                out.write(chunk)
-                digest.update(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
+        start = _start_of_body(response, offset)
+        if start is None:
+            # A range we did not ask for: appending it would corrupt the file.
+            response.close()
+            part.unlink()
+            return download(url, dest, sha256, sha256_prefix, progress, chunk_size, timeout)
+        offset, total = start
+        received, digest = _receive(
+            response, url, part, offset, total, progress=progress, chunk_size=chunk_size
+        )
 
     if total is not None and received < total:
         raise DownloadError(
@@ -337,7 +278,103 @@ def download(
             f"download of {url} gave {received} bytes, more than the announced {total}; "
             "the partial file was deleted, try again"
         )
-    return _finish(part, dest, sha256, sha256_prefix, digest.hexdigest())
+    return _finish(part, dest, sha256, sha256_prefix, digest)
+
+
+def _request(url: str, part: Path, timeout: float) -> tuple[http.client.HTTPResponse | None, int]:
+    """Open `url` from the end of `part` (a Range request when it holds bytes already).
+    Returns (response, offset), or (None, offset) when `part` already holds the whole file
+    (HTTP 416 for a range that starts at its end). A `.part` that does not fit the server's
+    file is deleted and the request made again from byte 0."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "vprkit", "Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        return urllib.request.urlopen(request, timeout=timeout), offset
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and offset:
+            _, total = _parse_content_range(exc.headers.get("Content-Range"))
+            exc.close()
+            if total == offset:
+                return None, offset
+            part.unlink()  # the .part does not fit the file on the server: start over
+            return _request(url, part, timeout)
+        raise DownloadError(
+            f"download of {url} failed: HTTP {exc.code} {exc.reason}{_resume_hint(part)}"
+        ) from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DownloadError(f"download of {url} failed: {reason}{_resume_hint(part)}") from None
+
+
+def _start_of_body(
+    response: http.client.HTTPResponse, offset: int
+) -> tuple[int, int | None] | None:
+    """(the byte the response body starts at, the file's total length if announced), or None
+    when the server answered a range other than the one asked for."""
+    length = response.headers.get("Content-Length")
+    length = int(length) if length and length.isdigit() else None
+    if offset and response.getcode() == 206:
+        start, total = _parse_content_range(response.headers.get("Content-Range"))
+        if start != offset:
+            return None
+        if total is None and length is not None:
+            total = offset + length
+        return offset, total
+    # 200 (the server ignores Range, or there was nothing to resume): start over.
+    return 0, length
+
+
+def _receive(
+    response: http.client.HTTPResponse,
+    url: str,
+    part: Path,
+    offset: int,
+    total: int | None,
+    *,
+    progress: bool,
+    chunk_size: int,
+) -> tuple[int, str]:
+    """Write the response body into `part` from byte `offset` (appending to the bytes
+    already there, or starting the file when `offset` is 0); returns the bytes the file
+    then holds and their sha256."""
+    digest = hashlib.sha256()
+    if offset:
+        with open(part, "rb") as f:
+            while chunk := f.read(chunk_size):
+                digest.update(chunk)
+    received = offset
+    with (
+        open(part, "ab" if offset else "wb") as out,
+        tqdm(
+            total=total,
+            initial=offset,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=part.name[: -len(".part")],
+            file=sys.stderr,
+            disable=not progress,
+        ) as bar,
+    ):
+        while True:
+            try:
+                chunk = response.read(chunk_size)
+            except (OSError, http.client.HTTPException) as exc:
+                out.close()
+                raise DownloadError(
+                    f"download of {url} was interrupted ({type(exc).__name__}: {exc})"
+                    f"{_resume_hint(part)}"
+                ) from None
+            if not chunk:
+                break
+            out.write(chunk)
+            digest.update(chunk)
+            received += len(chunk)
+            bar.update(len(chunk))
+    return received, digest.hexdigest()
 
 
 def _finish(
@@ -503,9 +540,16 @@ def _human_size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def models_using(name: str) -> list[str]:
+    """The registered models whose `ModelInfo.weights` name official weights `name`."""
+    from vprkit.models.registry import list_models, model_info
+
+    return [m for m in list_models() if name in model_info(m).weights]
+
+
 def _list_table() -> str:
     folder = weights_dir()
-    rows = [("NAME", "FILE", "SIZE", "CACHED", "SHA256", "SOURCE")]
+    rows = [("NAME", "FILE", "SIZE", "CACHED", "SHA256", "MODELS", "SOURCE")]
     for e in OFFICIAL_WEIGHTS.values():
         path = folder / e.filename
         cached = path.is_file()
@@ -516,7 +560,10 @@ def _list_table() -> str:
         else:
             known = "not known"
         size = _human_size(path.stat().st_size) if cached else "-"
-        rows.append((e.name, e.filename, size, "yes" if cached else "no", known, e.url or "manual"))
+        models = ",".join(models_using(e.name)) or "-"
+        rows.append(
+            (e.name, e.filename, size, "yes" if cached else "no", known, models, e.url or "manual")
+        )
     # Pad every column but the last (the long URLs).
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = [

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vprkit.models.backbones import Backbone, dinov2_config
+from vprkit.models.info import ModelInfo
 from vprkit.models.outputs import DescriptorOutput
 from vprkit.models.pooling import gem
 from vprkit.models.registry import register_model
@@ -39,13 +40,17 @@ def _baseline(pooling: str, size: str = "vitb14", registers: int = 0, **override
     return Dinov2Baseline(dinov2_config(size, registers, **overrides), pooling)
 
 
-@register_model
+# The default (vitb14) configuration takes the official ViT-B file; `size=` others.
+BASELINE_INFO = ModelInfo(weights=("dinov2_vitb14",))
+
+
+@register_model(info=BASELINE_INFO)
 def dinov2_cls(**overrides) -> Dinov2Baseline:
     """Zero-shot DINOv2 (`size=`, default vitb14): the normalized class token."""
     return _baseline("cls", **overrides)
 
 
-@register_model
+@register_model(info=BASELINE_INFO)
 def dinov2_gem(**overrides) -> Dinov2Baseline:
     """Zero-shot DINOv2 (`size=`, default vitb14): GeM over L2-normalized patch tokens."""
     return _baseline("gem", **overrides)

@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vprkit.models.backbones import Backbone, dinov2_config
+from vprkit.models.backbones import Backbone, dinov2_config, is_backbone_only, with_backbone_weights
+from vprkit.models.info import ModelInfo
 from vprkit.models.outputs import DescriptorOutput
 from vprkit.models.pooling import Flatten, GeM, L2Norm
 from vprkit.models.registry import register_model
 from vprkit.models.vit import TokenLayout
-from vprkit.weights import WeightsMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,6 @@ NUM_TOKENS = 1 + sum(n * n for n in PYRAMID)
 # gathered: under torch.distributed, the images of every rank's call attend to each other
 # (the whole global batch), each rank keeping its own slice of the result.
 BATCH_MODES = ("coupled", "single", "gathered")
-
-# fnmatch patterns of what CricaVPR trains (for `vprkit.train.recipes.apply_train_only`).
-TRAIN_ONLY = ["backbone.*adapter*", "encoder.*", "aggregation.*"]
 
 
 class BasicConv2d(nn.Module):
@@ -151,13 +148,6 @@ def region_bounds(n: int, parts: int) -> list[tuple[int, int]]:
     return list(pairwise(edges))
 
 
-def official_infer_batch_size(dataset_name: str) -> int:
-    """The inference batch the paper's numbers use: 16, halved to 8 for Pitts30k/250k
-    (`eval.py` halves it when the dataset name starts with "pitts"; matched here ignoring
-    case, so a folder named "Pitts30k" gets the same protocol)."""
-    return 8 if dataset_name.lower().startswith("pitts") else 16
-
-
 def describe_eval_protocol(batch_size: int, batch_mode: str = "coupled") -> str:
     """One line for a run log: how the batch shapes CricaVPR's descriptors."""
     if batch_mode == "single":
@@ -177,6 +167,21 @@ def describe_eval_protocol(batch_size: int, batch_mode: str = "coupled") -> str:
     return line
 
 
+INFO = ModelInfo(
+    image_size=(224, 224),  # `--resize 224 224`: the 16x16 grid the official code assumes
+    # The inference batch the paper's numbers use: 16, halved to 8 for Pitts30k/250k (the
+    # official `eval.py` halves it when the dataset name starts with "pitts"; matched here
+    # ignoring case, so a folder named "Pitts30k" gets the same protocol).
+    infer_batch_size=16,
+    batch_size_by_prefix=(("pitts", 8),),
+    protocol=lambda model, batch_size: describe_eval_protocol(batch_size, model.batch_mode),
+    # What the official `train.py` trains: the backbone's parameters whose name contains
+    # `adapter` (every other backbone parameter is frozen), the encoder and GeM p.
+    train_only=("backbone.*adapter*", "encoder.*", "aggregation.*"),
+    weights=("cricavpr",),
+)
+
+
 class CricaVPR(nn.Module):
     """`forward(images)` -> `DescriptorOutput(global_desc (B, 14 * D))`, L2-normalized.
 
@@ -186,7 +191,7 @@ class CricaVPR(nn.Module):
     marks exactly the trainable parameters: adapters, encoder and GeM p.
     """
 
-    default_image_size = (224, 224)
+    default_image_size = INFO.image_size  # read by vprkit.evaluate until it uses model_info
 
     def __init__(
         self,
@@ -255,10 +260,12 @@ class CricaVPR(nn.Module):
             "total": sum(p.numel() for p in self.parameters()),
         }
 
+    # read by vprkit.evaluate until it uses model_info
     @staticmethod
     def official_infer_batch_size(dataset_name: str) -> int:
-        return official_infer_batch_size(dataset_name)
+        return INFO.eval_batch_size(dataset_name)
 
+    # read by vprkit.evaluate until it uses model_info
     def describe_eval_protocol(self, batch_size: int) -> str:
         return describe_eval_protocol(batch_size, self.batch_mode)
 
@@ -302,32 +309,19 @@ class CricaVPR(nn.Module):
         non-adapter weights, and adapters, encoder and GeM p keep their current values (the
         official `--foundation_model_path` behaviour, but every backbone key must be present
         and none may be unknown)."""
-        if any(k.startswith(("backbone.", "aggregation.", "encoder.")) for k in state):
-            return state
-        if not any(k in state for k in ("cls_token", "patch_embed.proj.weight")):
-            return state  # neither layout: let the strict check name every key
-        state = self.backbone.adapt_state_dict(state)
-        expected = [k for k in self.backbone.state_dict() if "adapter" not in k]
-        missing = [k for k in expected if k not in state]
-        known = set(expected)
-        unexpected = [k for k in state if k not in known]
-        if missing or unexpected:
-            raise WeightsMismatchError(
-                "DINOv2 backbone-only state dict", missing, unexpected, misshaped=[]
-            )
-        full = dict(self.state_dict())
-        full.update({f"backbone.{k}": v for k, v in state.items()})
-        kept = len(full) - len(state)
+        if not is_backbone_only(state, ("backbone.", "aggregation.", "encoder.")):
+            return state  # the official layout, or neither: the strict check names every key
+        full, loaded = with_backbone_weights(self, state, "DINOv2 backbone-only state dict")
         log.info(
             "CricaVPR: loading a DINOv2 backbone-only state dict (%d tensors); %d adapter, "
             "encoder and GeM tensors keep their current values",
-            len(state),
-            kept,
+            loaded,
+            len(full) - loaded,
         )
         return full
 
 
-@register_model
+@register_model(info=INFO)
 def cricavpr(
     encoder_heads: int = 16,
     encoder_ff_dim: int = 2048,

@@ -33,11 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vprkit.models.backbones import Backbone, deit_small_distilled_patch16_224
+from vprkit.models.backbones import (
+    Backbone,
+    deit_small_distilled_patch16_224,
+    with_backbone_weights,
+)
+from vprkit.models.info import ModelInfo
 from vprkit.models.outputs import DescriptorOutput
 from vprkit.models.registry import register_model
 from vprkit.models.vit import Mlp
-from vprkit.weights import WeightsMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +51,17 @@ GLOBAL_DIM = 256
 NUM_COORDS = 3  # x, y, attention before the feature in each token
 PAIR_DIM = 7  # [x_q, y_q, a_q, x_c, y_c, a_c, correlation]
 
-# fnmatch patterns of what the re-ranker training phase trains (`train_reranker.py --fix 1`).
-TRAIN_ONLY = ["local_head.*", "Reranker.*"]
+INFO = ModelInfo(
+    image_size=(480, 640),  # the official training and test resolution
+    # Evaluation re-sorts the global top-100 by the re-ranker's probability (the official
+    # `--rerank_top 100` of test.sh).
+    reranker="r2former",
+    rerank_num=100,
+    # What `train_reranker.py --fix 1` trains on the full model (the global phase,
+    # `train_deit.py`, trains the backbone alone; joint fine-tuning trains everything).
+    train_only=("local_head.*", "Reranker.*"),
+    weights=("r2former", "r2former_global_msls"),
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,10 +319,10 @@ class R2Former(nn.Module):
     """`forward(images)` -> `DescriptorOutput(global_desc (B, 256), local_tokens (B, n, 131))`
     with n = min(num_local, patches); `rerank_scores(...)` -> same-place probabilities."""
 
-    default_image_size = (480, 640)
-    # Evaluation re-sorts the global top-100 by the re-ranker's probability (SPEC §3.4).
-    default_rerank_num = 100
-    default_reranker = "r2former"
+    # read by vprkit.evaluate until it uses model_info
+    default_image_size = INFO.image_size
+    default_rerank_num = INFO.rerank_num
+    default_reranker = INFO.reranker
 
     def __init__(
         self,
@@ -467,28 +480,19 @@ class R2Former(nn.Module):
             return state
         head = state.get("head.weight")
         imagenet = head is not None and head.shape[0] != self.global_dim
-        state = self.backbone.adapt_state_dict(state)
-        expected = self.backbone.state_dict()
-        missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected]
-        if missing or unexpected:
-            raise WeightsMismatchError(
-                "DeiT backbone-only state dict", missing, unexpected, misshaped=[]
-            )
-        full = dict(self.state_dict())
-        full.update({f"backbone.{k}": v for k, v in state.items()})
+        full, loaded = with_backbone_weights(self, state, "DeiT backbone-only state dict")
         log.info(
             "R2Former: loading %s into the backbone (%d tensors); local_head and Reranker "
             "keep their current values",
             "DeiT ImageNet weights (pos-embed resized, heads truncated)"
             if imagenet
             else "a global-only checkpoint (msls_v2_deits.pth layout, remapped under backbone.)",
-            len(state),
+            loaded,
         )
         return full
 
 
-@register_model
+@register_model(info=INFO)
 def r2former(
     num_local: int = NUM_LOCAL,
     finetune: bool = False,
@@ -497,7 +501,7 @@ def r2former(
 ) -> R2Former:
     """R2Former: DeiT-S distilled at 480x640 with 256-D heads, 500 local tokens and the
     re-ranker; `overrides` change the ViT config (e.g. `depth=1`, `img_size=(224, 224)`)."""
-    overrides.setdefault("img_size", R2Former.default_image_size)
+    overrides.setdefault("img_size", INFO.image_size)
     overrides.setdefault("num_classes", GLOBAL_DIM)
     return R2Former(
         deit_small_distilled_patch16_224(**overrides),

@@ -22,19 +22,29 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vprkit.models.backbones import Backbone, dinov2_config
+from vprkit.models.backbones import Backbone, dinov2_config, is_backbone_only, with_backbone_weights
+from vprkit.models.info import ModelInfo
 from vprkit.models.outputs import DescriptorOutput
 from vprkit.models.pooling import Flatten, GeM, L2Norm
 from vprkit.models.registry import register_model
 from vprkit.models.vit import TokenLayout
-from vprkit.weights import WeightsMismatchError
 
 ADAPTER_RATIO = 0.5  # bottleneck D -> D/2 -> D
 PARALLEL_SCALE = 0.2  # adapter2's weight beside the MLP
 LOCAL_DIM = 128
 
-# fnmatch patterns of what SelaVPR trains (for `vprkit.train.recipes.apply_train_only`).
-TRAIN_ONLY = ["backbone.*adapter*", "aggregation.*", "LocalAdapt.*"]
+INFO = ModelInfo(
+    image_size=(224, 224),  # the official network.py hard-codes the 16x16 grid of 224x224
+    # Evaluation re-sorts the global top-100 by mutual-NN counts of the local maps (the
+    # official `--rerank_num` default; the README says 100 reproduces the paper).
+    reranker="mnn",
+    rerank_num=100,
+    # What the official `train.py` trains: the backbone's parameters whose name contains
+    # `adapter` (every other backbone parameter is frozen), GeM p and LocalAdapt.
+    train_only=("backbone.*adapter*", "aggregation.*", "LocalAdapt.*"),
+    # selavpr_reg4_msls needs backbone="dinov2_vitl14_reg4"
+    weights=("selavpr_msls", "selavpr_pitts30k", "selavpr_reg4_msls"),
+)
 
 
 class Adapter(nn.Module):
@@ -88,10 +98,10 @@ class SelaVPR(nn.Module):
     `requires_grad` marks exactly the trainable parameters: adapters, GeM p and LocalAdapt.
     """
 
-    default_image_size = (224, 224)
-    # Evaluation re-sorts the global top-100 by mutual-NN counts of the local maps (SPEC §2.3).
-    default_rerank_num = 100
-    default_reranker = "mnn"
+    # read by vprkit.evaluate until it uses model_info
+    default_image_size = INFO.image_size
+    default_rerank_num = INFO.rerank_num
+    default_reranker = INFO.reranker
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
@@ -133,20 +143,9 @@ class SelaVPR(nn.Module):
         non-adapter weights, and adapters, GeM p and LocalAdapt keep their current values
         (the official `--foundation_model_path` behaviour, but every backbone key must be
         present and none may be unknown)."""
-        if any(k.startswith(("backbone.", "aggregation.", "LocalAdapt.")) for k in state):
-            return state
-        if not any(k in state for k in ("cls_token", "patch_embed.proj.weight")):
-            return state  # neither layout: let the strict check name every key
-        state = self.backbone.adapt_state_dict(state)
-        expected = [k for k in self.backbone.state_dict() if "adapter" not in k]
-        missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in set(expected)]
-        if missing or unexpected:
-            raise WeightsMismatchError(
-                "DINOv2 backbone-only state dict", missing, unexpected, misshaped=[]
-            )
-        full = dict(self.state_dict())
-        full.update({f"backbone.{k}": v for k, v in state.items()})
+        if not is_backbone_only(state, ("backbone.", "aggregation.", "LocalAdapt.")):
+            return state  # the official layout, or neither: the strict check names every key
+        full, _ = with_backbone_weights(self, state, "DINOv2 backbone-only state dict")
         return full
 
 
@@ -164,7 +163,7 @@ def _parse_backbone(name: str) -> tuple[str, int]:
     return rest, registers
 
 
-@register_model
+@register_model(info=INFO)
 def selavpr(backbone: str = "dinov2_vitl14", **overrides) -> SelaVPR:
     """SelaVPR on DINOv2 (`backbone`: dinov2_vitl14 as released, dinov2_vitl14_reg4 for the
     registers variant, or another size); `overrides` change the ViT config (e.g. `depth=2`)."""

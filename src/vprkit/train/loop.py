@@ -18,9 +18,9 @@ import logging
 import math
 import os
 import random
-import signal
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vprkit.extract import autocast_context
+from vprkit.models.registry import model_info
 from vprkit.train.distributed import World, barrier, broadcast_object, cleanup, init_world
 from vprkit.train.recipes import RECIPES, Recipe, apply_train_only, get_recipe
 from vprkit.weights import read_checkpoint, save_checkpoint
@@ -229,10 +230,21 @@ def load_validation_set(folder: str | os.PathLike, split: str):
 
 
 class Trainer:
+    """One training run. `on_step(step)`, when given, is called after every optimizer step,
+    once that step's log row and checkpoint (if one is due) are written: a hook for
+    callers that watch or stop a run (tests use it to kill the process mid-run)."""
+
     def __init__(
-        self, recipe: Recipe, cfg: dict, run_dir: Path, world: World, resume: dict | None = None
+        self,
+        recipe: Recipe,
+        cfg: dict,
+        run_dir: Path,
+        world: World,
+        resume: dict | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> None:
         self.recipe, self.cfg, self.run_dir, self.world = recipe, cfg, run_dir, world
+        self.on_step = on_step
         torch.manual_seed(cfg["seed"])
         np.random.seed(cfg["seed"])
         random.seed(cfg["seed"])
@@ -327,7 +339,7 @@ class Trainer:
 
         dataset, positives, preprocess = self.validation
         rerank_num = self.cfg["val_rerank_num"]
-        reranker = getattr(self.model, "default_reranker", None) if rerank_num else None
+        reranker = model_info(self.model).reranker if rerank_num else None
         if rerank_num and reranker is None:
             raise ValueError(f"val_rerank_num needs a model with a re-ranker: {self.cfg['model']}")
         recalls = validation_recalls(
@@ -356,7 +368,6 @@ class Trainer:
     def train(self) -> dict:
         cfg, world = self.cfg, self.world
         accum = cfg["grad_accum"]
-        crash_at = os.environ.get("VPRKIT_TEST_KILL_AT_STEP")  # kill -9 tests only
         if cfg["validate_at_start"] and self.step == 0 and world.is_main:
             recalls = self.validate()
             if recalls is not None:
@@ -408,10 +419,10 @@ class Trainer:
                 if self.metrics is not None:
                     self.metrics.write(self.step, values)
                 bar.set_postfix(loss=f"{loss_value:.4f}")
-                if crash_at is not None and self.step == int(crash_at):
-                    os.kill(os.getpid(), signal.SIGKILL)
                 if self.step % cfg["checkpoint_every"] == 0 and not last_of_epoch:
                     self._checkpoint("last.pth")
+                if self.on_step is not None:
+                    self.on_step(self.step)
                 if self._stop_requested():
                     break
             bar.close()
@@ -563,9 +574,14 @@ def _new_run_dir(parent: Path) -> Path:
 
 
 def train(
-    method: str, settings: dict, config_file: Path | None = None, resume: Path | None = None
+    method: str,
+    settings: dict,
+    config_file: Path | None = None,
+    resume: Path | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> tuple[Path, dict]:
-    """Train `method`; returns the run folder and a summary. The programmatic entry point."""
+    """Train `method`; returns the run folder and a summary. The programmatic entry point;
+    `on_step(step)` is called after every optimizer step (see `Trainer`)."""
     recipe = get_recipe(method)
     cfg = resolve_config(recipe, read_config_file(config_file) if config_file else {}, settings)
     world = init_world(cfg["device"])
@@ -591,7 +607,7 @@ def train(
             world.size,
             "es" if world.size > 1 else "",
         )
-        trainer = Trainer(recipe, cfg, run_dir, world, resume=checkpoint)
+        trainer = Trainer(recipe, cfg, run_dir, world, resume=checkpoint, on_step=on_step)
         summary = trainer.train()
         if world.is_main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

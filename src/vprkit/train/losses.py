@@ -9,10 +9,10 @@ from vprkit.models.outputs import DescriptorOutput
 
 
 class MultiSimilarity:
-    """CricaVPR's loss (SPEC §1.4): pytorch-metric-learning's MultiSimilarityLoss(alpha 1,
-    beta 50, base 0, dot-product similarity) on pairs mined by MultiSimilarityMiner(epsilon
-    0.1, cosine similarity), labels = place ids. Logs the fraction of images the miner kept
-    (GSV-Cities' `b_acc` is one minus it)."""
+    """CricaVPR's loss (Lu-Feng/CricaVPR `train.py`): pytorch-metric-learning's
+    MultiSimilarityLoss(alpha 1, beta 50, base 0, dot-product similarity) on pairs mined by
+    MultiSimilarityMiner(epsilon 0.1, cosine similarity), labels = place ids. Logs the
+    fraction of images the miner kept (GSV-Cities' `b_acc` is one minus it)."""
 
     def __init__(
         self, alpha: float = 1.0, beta: float = 50.0, base: float = 0.0, epsilon: float = 0.1
@@ -36,7 +36,8 @@ class MultiSimilarity:
 def mnn_similarity(anchor: Tensor, other: Tensor) -> Tensor:
     """SelaVPR's training similarity of two (C, L) local maps: the mean dot product over
     their mutual-nearest-neighbour pairs, or over co-located features when there are none
-    (SPEC §2.4). Differentiable through the dot products; the matching is not."""
+    (Lu-Feng/SelaVPR `loss.py`). Differentiable through the dot products; the matching is
+    not."""
     sim = anchor.T @ other  # (L anchor, L other)
     best_other = sim.argmax(dim=1)
     best_anchor = sim.argmax(dim=0)

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from vprkit.data.augment import TrainTransform
-from vprkit.models.r2former import TRAIN_ONLY as R2FORMER_TRAIN_ONLY
-from vprkit.models.registry import create_model
+from vprkit.models.registry import create_model, model_info
 from vprkit.train.distributed import World, gather, gather_with_grad
 from vprkit.train.losses import MultiSimilarity, R2FormerLoss, TripletLoss
 from vprkit.train.sources import LoaderSource, TripletSource
@@ -61,6 +60,13 @@ COMMON_DEFAULTS: dict = {
     "save_dir": "runs",
     "run_name": None,
 }
+
+
+def official_train_only(model_name: str) -> list[str] | None:
+    """The trainable-parameter patterns the model declares (its `ModelInfo.train_only`), as
+    the list a config holds."""
+    patterns = model_info(model_name).train_only
+    return None if patterns is None else list(patterns)
 
 
 class TorchRngTransform:
@@ -281,7 +287,8 @@ class R2FormerPairs(nn.Module):
 
 
 class R2FormerRecipe(TripletRecipe):
-    """R2Former's three phases on triplets (VG format or MSLS; SPEC §3.5): `triplet_loss` on
+    """R2Former's three phases on triplets (VG format or MSLS; the official shell scripts of
+    bytedance/R2Former): `triplet_loss` on
     the global descriptors and/or `rerank_loss`, the re-ranker's 2-class cross-entropy."""
 
     def build_model(self, cfg: dict) -> nn.Module:
@@ -354,13 +361,14 @@ RECIPES: dict[str, Recipe] = {
     ),
     "cricavpr": GSVRecipe(
         "cricavpr",
-        "CricaVPR (SPEC §1.4): GSV-Cities 72x4 at 224, RandAugment(3), MS loss, Adam 1e-4 "
-        "halved every 3 epochs, 10 epochs, adapters + encoder + GeM p trainable, best by R@5",
+        "CricaVPR (Lu-Feng/CricaVPR train.py): GSV-Cities 72x4 at 224, RandAugment(3), MS "
+        "loss, Adam 1e-4 halved every 3 epochs, 10 epochs, adapters + encoder + GeM p "
+        "trainable, best by R@5",
         {
             **GSV_DEFAULTS,
             "model": "cricavpr",
             "rand_augment_ops": 3,
-            "train_only": ["*adapter*", "encoder.*", "aggregation.*"],
+            "train_only": official_train_only("cricavpr"),
             "optimizer": "adam",
             "lr": 1e-4,
             "scheduler": "step",
@@ -378,13 +386,13 @@ RECIPES: dict[str, Recipe] = {
     ),
     "selavpr": TripletRecipe(
         "selavpr",
-        "SelaVPR (SPEC §2.4): partial mining, 4 x (query, positive, 2 negatives) at 224, "
-        "triplet loss (margin 0.1) + mutual-NN local loss 1:1, Adam 1e-5, adapters + GeM p + "
-        "LocalAdapt trainable, patience 3",
+        "SelaVPR (Lu-Feng/SelaVPR train.py): partial mining, 4 x (query, positive, 2 "
+        "negatives) at 224, triplet loss (margin 0.1) + mutual-NN local loss 1:1, Adam 1e-5, "
+        "adapters + GeM p + LocalAdapt trainable, patience 3",
         {
             **TRIPLET_DEFAULTS,
             "model": "selavpr",
-            "train_only": ["backbone.*adapter*", "aggregation.*", "LocalAdapt.*"],
+            "train_only": official_train_only("selavpr"),
             "local_loss_weight": 1.0,
             "optimizer": "adam",
             "lr": 1e-5,
@@ -402,7 +410,7 @@ RECIPES: dict[str, Recipe] = {
 R2FORMER_DEFAULTS = {
     **TRIPLET_DEFAULTS,
     "model": "r2former",
-    "image_size": [480, 640],
+    "image_size": list(model_info("r2former").image_size),  # 480x640
     "margin": 0.1,
     "queries_per_epoch": 50000,
     "cache_refresh_rate": 10000,
@@ -425,9 +433,9 @@ R2FORMER_RERANK_TRAINING = {
 
 RECIPES["r2former"] = R2FormerRecipe(
     "r2former",
-    "R2Former phase 1, global retrieval (SPEC §3.5, train_global_retrieval.sh): DeiT-S at "
-    "480x640, 16 x (query, positive, 2 negatives), partial mining, triplet margin 0.1, Adam "
-    "1e-5, 50,000 queries per epoch, patience 10 on R@5",
+    "R2Former phase 1, global retrieval (bytedance/R2Former train_global_retrieval.sh): "
+    "DeiT-S at 480x640, 16 x (query, positive, 2 negatives), partial mining, triplet margin "
+    "0.1, Adam 1e-5, 50,000 queries per epoch, patience 10 on R@5",
     {
         **R2FORMER_DEFAULTS,
         "train_only": ["backbone.*"],  # train_deit.py's model has no re-ranker
@@ -450,7 +458,7 @@ RECIPES["r2former_rerank"] = R2FormerRecipe(
     {
         **R2FORMER_DEFAULTS,
         **R2FORMER_RERANK_TRAINING,
-        "train_only": list(R2FORMER_TRAIN_ONLY),
+        "train_only": official_train_only("r2former"),  # train_reranker.py --fix 1
         "triplet_loss": False,
         "mining": "precomputed",
         "neg_hardness": 100,
