@@ -16,13 +16,12 @@ from vprkit.rerank.base import (
     register_reranker,
     rerank_by_scores,
 )
-from vprkit.rerank.local_features import LocalFeatureCache, LocalStores
+from vprkit.rerank.local_features import LocalFeatureCache
 from vprkit.rerank.mnn import mutual_nn_count, rerank_by_mnn
 from vprkit.rerank.pipeline import apply_order, make_scorer, rerank_order
 
 __all__ = [
     "LocalFeatureCache",
-    "LocalStores",
     "RerankInputs",
     "Reranker",
     "ScoreFn",

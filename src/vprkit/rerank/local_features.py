@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -179,64 +179,3 @@ class LocalFeatureCache:
             self.abort()
         else:
             self.close()
-
-
-class LocalStores:
-    """Both sides' local features for one re-ranking run, as `LocalFeatureCache`s named
-    `<name>_local_features.npy` in `folder` (kept) or in a temporary folder (removed by
-    `close`). `fp16` stores float16 (half the disk; counts may differ slightly, see
-    `LocalFeatureCache`), else float32.
-
-    `sink(name, count)` gives the `write(indices, local)` callback that feature extraction
-    feeds batch by batch (the cache is created on the first batch, which fixes its shape);
-    `read(name)` publishes a finished cache and returns it read-only, or opens one that an
-    earlier run left in `folder`. Also a context manager (`close` on exit)."""
-
-    def __init__(self, folder: str | Path | None = None, fp16: bool = False) -> None:
-        self._tmp = None
-        if folder is not None:
-            self.folder = Path(folder)
-        else:
-            self._tmp = tempfile.TemporaryDirectory(prefix="vprkit_local_")
-            self.folder = Path(self._tmp.name)
-        self.dtype = "float16" if fp16 else "float32"
-        self.caches: dict[str, LocalFeatureCache] = {}
-
-    def path(self, name: str) -> Path:
-        return self.folder / f"{name}_local_features.npy"
-
-    def sink(self, name: str, count: int) -> Callable[[Tensor, Tensor], None]:
-        """`write(indices (B,), local (B, *feature_shape))` into the cache `name` of `count`
-        images."""
-
-        def write(indices: Tensor, local: Tensor) -> None:
-            if name not in self.caches:
-                self.caches[name] = LocalFeatureCache.create(
-                    self.path(name), count, local.shape[1:], self.dtype
-                )
-            self.caches[name].write(indices, local)
-
-        return write
-
-    def read(self, name: str) -> LocalFeatureCache:
-        """The cache `name`, read-only: published now if it was being written (every row must
-        be), else opened from `folder`."""
-        if name not in self.caches:
-            self.caches[name] = LocalFeatureCache.open(self.path(name))
-        cache = self.caches[name]
-        if cache.writing:
-            cache.close()  # publishes the file and reopens it read-only
-        return cache
-
-    def close(self) -> None:
-        """Discard caches never read (unfinished), then remove the temporary folder."""
-        for cache in self.caches.values():
-            cache.abort()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-
-    def __enter__(self) -> LocalStores:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.close()

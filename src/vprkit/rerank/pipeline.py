@@ -15,16 +15,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vprkit.rerank.base import ScoreFn, descending_order, get_reranker, list_rerankers
+from vprkit.rerank.base import ScoreFn, descending_order, get_reranker
 from vprkit.rerank.local_features import LocalFeatureCache
-
-
-def __getattr__(name: str):
-    # RERANKERS: the registered names at the time of the lookup, so that re-rankers
-    # registered after this module was imported are included.
-    if name == "RERANKERS":
-        return list_rerankers()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def rerank_order(
