@@ -8,8 +8,7 @@ image i of the set (the database or the queries, in dataset order):
 - selected local tokens (`local_tokens`, R2Former): (N, K, F), e.g. (N, 500, 131) with each
   token `[x, y, attention, feature...]`.
 `LocalFeatureCache.open(path)` maps such a file read-only (any `np.save`d array of that form
-works too) and reads rows lazily as float32 tensors. `LocalStores` keeps both sides' caches
-in one folder as `<name>_local_features.npy` (`database`, `queries`).
+works too) and reads rows lazily as float32 tensors.
 """
 
 from __future__ import annotations
