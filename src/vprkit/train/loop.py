@@ -322,7 +322,7 @@ class Trainer:
         if not folder:
             return None
         from vprkit.data.images import Preprocess
-        from vprkit.evaluate import dataset_positives
+        from vprkit.pipeline import dataset_positives
 
         dataset = load_validation_set(folder, self.cfg["val_split"])
         positives = dataset_positives(dataset, self.cfg["positive_dist_threshold"])
@@ -334,7 +334,7 @@ class Trainer:
     def validate(self) -> dict[int, float] | None:
         if self.validation is None:
             return None
-        from vprkit.evaluate import validation_recalls
+        from vprkit.pipeline.evaluate import validation_recalls
         from vprkit.retrieval.metrics import format_recalls
 
         dataset, positives, preprocess = self.validation
