@@ -112,8 +112,9 @@ class CountingModel(torch.nn.Module):
 
     def forward(self, x):
         self.images_seen += len(x)
+        local = torch.nn.functional.avg_pool2d(x, 8)  # (B, 3, h/8, w/8) "dense local features"
         return DescriptorOutput(
-            torch.nn.functional.normalize(self.scale * x.mean(dim=(2, 3)), dim=1)
+            torch.nn.functional.normalize(self.scale * x.mean(dim=(2, 3)), dim=1), local
         )
 
 
@@ -137,9 +138,16 @@ def test_a_stage_reuses_what_it_made_and_refuses_what_it_did_not(shared_data, tm
         StageMismatchError, match=r"preprocess\.image_size \(\[32, 32\] there, \[48, 48\] now\)"
     ):
         extract(model, paths, out, preprocess=Preprocess(image_size=(48, 48)))
+    # Features with local ones serve a request without them, not the other way round.
+    with pytest.raises(StageMismatchError, match=r"local \(null there"):
+        extract(model, paths, out, preprocess=pre, root=shared_data, local=True)
+    with_local = extract(model, paths, tmp_path / "loc", preprocess=pre, local=True)
+    assert with_local.has_local and model.images_seen == 40
+    assert extract(model, paths, tmp_path / "loc", preprocess=pre).has_local
+    assert model.images_seen == 40
     with pytest.raises(StageMismatchError, match=r"images\.count"):
         extract(model, paths[:10], out, preprocess=pre, root=shared_data)
-    assert model.images_seen == 20
+    assert model.images_seen == 40
 
     # Retrieval: reused from its file with the same inputs, refused with other ones.
     queries = extract(model, paths[:5], tmp_path / "q", preprocess=pre, root=shared_data)

@@ -128,6 +128,8 @@ def extract(
     }
     if folder is not None and is_features_folder(folder):
         existing = load_features(folder)
+        if not local and existing.has_local:
+            wanted["local"] = existing.fingerprint["local"]  # more than asked for: it serves
         fp.check_same(existing.fingerprint, wanted, folder, "features")
         return existing
     if on_compute is not None:
