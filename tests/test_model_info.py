@@ -14,6 +14,7 @@ from vprkit import hub
 from vprkit.cli import main
 from vprkit.data.images import Preprocess
 from vprkit.models import ModelInfo, model_info, register_model, registry
+from vprkit.rerank import list_rerankers
 from vprkit.train.recipes import apply_train_only, get_recipe
 
 DINOV2 = [f"dinov2_{s}{r}" for s in ("vits14", "vitb14", "vitl14", "vitg14") for r in ("", "_reg4")]
@@ -56,6 +57,7 @@ def test_builtin_infos():
 
     for name in vprkit.list_models():
         info = model_info(name)
+        assert info.reranker is None or info.reranker in list_rerankers()
         # the normalization Preprocess applies: the info documents it, it changes nothing
         assert (info.mean, info.std) == (Preprocess().mean, Preprocess().std)
 
