@@ -454,10 +454,6 @@ def test_eval_protocol_helpers(tiny_model):
     single = vprkit.create_model("cricavpr", batch_mode="single", **TINY)
     assert "single" in info.describe_protocol(single, 16)
     assert info.describe_protocol(tiny_model, 8) == describe_eval_protocol(8)
-    # the attributes vprkit.evaluate still reads agree with the info
-    assert tiny_model.official_infer_batch_size("pitts30k") == 8
-    assert tiny_model.describe_eval_protocol(8) == describe_eval_protocol(8)
-    assert tiny_model.default_image_size == info.image_size
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from PIL import Image
 
 from vprkit.cli import main as cli_main
 from vprkit.data.images import ImageLoadError
+from vprkit.models.info import ModelInfo
 from vprkit.models.outputs import DescriptorOutput
 from vprkit.models.registry import register_model
 
@@ -21,13 +22,11 @@ TINY = ["--model_option", "size=vits14", "--model_option", "depth=1", "--num_wor
 class MeanColour(torch.nn.Module):
     """A 'model' whose descriptor is the mean colour: places of distinct colours are found."""
 
-    default_image_size = (28, 28)
-
     def forward(self, x):
         return DescriptorOutput(torch.nn.functional.normalize(x.mean(dim=(2, 3)), dim=1))
 
 
-register_model(lambda: MeanColour(), name="_test_mean_colour")
+register_model(lambda: MeanColour(), name="_test_mean_colour", info=ModelInfo(image_size=(28, 28)))
 
 
 def _make_vg(root, colours, query_offsets):
@@ -263,8 +262,6 @@ class BlindGlobalSharpLocal(torch.nn.Module):
     """The same global descriptor for every image (the global ranking is blind), and a
     4x4 map of colours as local features: only re-ranking can find the place."""
 
-    default_image_size = (32, 32)
-
     def forward(self, x):
         local = torch.nn.functional.adaptive_avg_pool2d(x, 4)
         local = torch.nn.functional.normalize(local + 3.0, dim=1)
@@ -272,7 +269,9 @@ class BlindGlobalSharpLocal(torch.nn.Module):
         return DescriptorOutput(global_desc=blind, local_desc=local)
 
 
-register_model(lambda: BlindGlobalSharpLocal(), name="_test_blind_global")
+register_model(
+    lambda: BlindGlobalSharpLocal(), name="_test_blind_global", info=ModelInfo(image_size=(32, 32))
+)
 
 
 def _make_vg_patterns(root, num_places, seed=0):

@@ -1,6 +1,14 @@
 """vprkit: visual place recognition."""
 
-from vprkit.models.registry import create_model, list_models, register_model
+from vprkit.models.info import ModelInfo
+from vprkit.models.registry import create_model, list_models, model_info, register_model
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "list_models", "register_model", "__version__"]
+__all__ = [
+    "ModelInfo",
+    "create_model",
+    "list_models",
+    "model_info",
+    "register_model",
+    "__version__",
+]

@@ -32,8 +32,6 @@ DINOV2_SIZES = {
 class Backbone(VisionTransformer):
     """A VisionTransformer that knows how to take its official weight files."""
 
-    default_image_size = ModelInfo().image_size  # read by vprkit.evaluate until it uses model_info
-
     def adapt_state_dict(self, state: dict) -> dict:
         return adapt_official_vit_state_dict(self, state)
 

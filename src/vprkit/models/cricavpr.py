@@ -191,8 +191,6 @@ class CricaVPR(nn.Module):
     marks exactly the trainable parameters: adapters, encoder and GeM p.
     """
 
-    default_image_size = INFO.image_size  # read by vprkit.evaluate until it uses model_info
-
     def __init__(
         self,
         backbone: Backbone,
@@ -259,15 +257,6 @@ class CricaVPR(nn.Module):
             "trainable": sum(p.numel() for p in self.trainable_parameters()),
             "total": sum(p.numel() for p in self.parameters()),
         }
-
-    # read by vprkit.evaluate until it uses model_info
-    @staticmethod
-    def official_infer_batch_size(dataset_name: str) -> int:
-        return INFO.eval_batch_size(dataset_name)
-
-    # read by vprkit.evaluate until it uses model_info
-    def describe_eval_protocol(self, batch_size: int) -> str:
-        return describe_eval_protocol(batch_size, self.batch_mode)
 
     def region_tokens(self, cls_token: Tensor, patch_map: Tensor) -> Tensor:
         """(B, 14, D): the cls token, then GeM over the 2x2 and 3x3 regions, row-major."""

@@ -319,11 +319,6 @@ class R2Former(nn.Module):
     """`forward(images)` -> `DescriptorOutput(global_desc (B, 256), local_tokens (B, n, 131))`
     with n = min(num_local, patches); `rerank_scores(...)` -> same-place probabilities."""
 
-    # read by vprkit.evaluate until it uses model_info
-    default_image_size = INFO.image_size
-    default_rerank_num = INFO.rerank_num
-    default_reranker = INFO.reranker
-
     def __init__(
         self,
         backbone: Backbone,

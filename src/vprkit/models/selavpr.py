@@ -98,11 +98,6 @@ class SelaVPR(nn.Module):
     `requires_grad` marks exactly the trainable parameters: adapters, GeM p and LocalAdapt.
     """
 
-    # read by vprkit.evaluate until it uses model_info
-    default_image_size = INFO.image_size
-    default_rerank_num = INFO.rerank_num
-    default_reranker = INFO.reranker
-
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
         dim = backbone.embed_dim

@@ -216,14 +216,13 @@ class MetricsLog:
 
 
 def load_validation_set(folder: str | os.PathLike, split: str):
-    """A Mapillary SLS root's official validation set (cph + sf, the 740-query set), or
-    `split` of any layout `load_dataset` reads."""
-    from vprkit.data.datasets import load_dataset
-    from vprkit.data.msls import is_msls_root, read_msls
+    """`split` of any layout `vprkit.data.formats` reads; on a Mapillary SLS root, its
+    official validation set (cph + sf, the 740 queries the papers report)."""
+    from vprkit.data.formats import detect_format, open_dataset
 
-    if is_msls_root(folder):
-        return read_msls(folder, split="val")
-    return load_dataset(folder, split=split)
+    layout = detect_format(folder).name
+    options = {"msls_split": "val"} if layout == "msls" else {"split": split}
+    return open_dataset(folder, format=layout, **options)
 
 
 # --------------------------------------------------------------------------- the loop
