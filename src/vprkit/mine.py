@@ -1,6 +1,6 @@
 """`vprkit mine`: R2Former's pre-computed hard negatives (its ``pre_compute_mining.py``).
 
-Done once, before training the re-ranker (SPEC §3.5): global descriptors of the whole train
+Done once, before training the re-ranker (bytedance/R2Former): global descriptors of the whole train
 database and of the kept training queries (those with a database image within 10 m), then
 per query the ``candidates`` (500) nearest database images, minus its non-negatives (the
 soft positives, within 25 m), in order; the first ``keep`` (200) are kept, ``-1`` pads rows
@@ -311,36 +311,7 @@ def mine(args: argparse.Namespace) -> np.ndarray:
 
     counts = (table >= 0).sum(axis=1)
     short = int((counts < args.keep).sum())
-    image_size = preprocess.image_size
-    info = {
-        "description": (
-            "R2Former-style pre-computed hard negatives: per training query (rows: the "
-            "queries with a database image within positive_radius, in sorted order), its "
-            "`candidates` nearest database images by global descriptor, minus those within "
-            "non_negative_radius, in order, the first `keep`, -1 padded"
-        ),
-        "file": out.name,
-        "shape": list(table.shape),
-        "method": args.method,
-        "model_options": options,
-        "weights": None if args.weights is None else str(args.weights),
-        "dataset_folder": str(Path(os.path.abspath(args.dataset_folder))),
-        "split": args.split,
-        "msls_cities": args.msls_cities,
-        "num_queries": data.num_queries,
-        "num_dropped_queries": data.num_dropped_queries,
-        "num_database": data.num_database,
-        "rows_with_fewer_than_keep": short,
-        "min_negatives_per_row": int(counts.min()),
-        "positive_radius": args.positive_radius,
-        "non_negative_radius": args.non_negative_radius,
-        "candidates": args.candidates,
-        "keep": args.keep,
-        "image_size": list(image_size) if isinstance(image_size, tuple) else image_size,
-        "precision": args.precision,
-        "vprkit_version": _version(),
-        "created": datetime.now().isoformat(timespec="seconds"),
-    }
+    info = _sidecar(args, out, table, data, preprocess, short, int(counts.min()))
     # The table first: a sidecar never describes a file that was not written.
     save_npy(out, table)
     write_text(sidecar_path(out), json.dumps(info, indent=2, default=str) + "\n")
@@ -355,6 +326,40 @@ def mine(args: argparse.Namespace) -> np.ndarray:
     )
     log.info("wrote %s and %s", out, sidecar_path(out).name)
     return table
+
+
+def _sidecar(args, out: Path, table, data, preprocess, short: int, fewest: int) -> dict:
+    """What `<out>.json` says about how the table was made."""
+    image_size = preprocess.image_size
+    return {
+        "description": (
+            "R2Former-style pre-computed hard negatives: per training query (rows: the "
+            "queries with a database image within positive_radius, in sorted order), its "
+            "`candidates` nearest database images by global descriptor, minus those within "
+            "non_negative_radius, in order, the first `keep`, -1 padded"
+        ),
+        "file": out.name,
+        "shape": list(table.shape),
+        "method": args.method,
+        "model_options": dict(args.model_option),
+        "weights": None if args.weights is None else str(args.weights),
+        "dataset_folder": str(Path(os.path.abspath(args.dataset_folder))),
+        "split": args.split,
+        "msls_cities": args.msls_cities,
+        "num_queries": data.num_queries,
+        "num_dropped_queries": data.num_dropped_queries,
+        "num_database": data.num_database,
+        "rows_with_fewer_than_keep": short,
+        "min_negatives_per_row": fewest,
+        "positive_radius": args.positive_radius,
+        "non_negative_radius": args.non_negative_radius,
+        "candidates": args.candidates,
+        "keep": args.keep,
+        "image_size": list(image_size) if isinstance(image_size, tuple) else image_size,
+        "precision": args.precision,
+        "vprkit_version": _version(),
+        "created": datetime.now().isoformat(timespec="seconds"),
+    }
 
 
 def run(args: argparse.Namespace) -> int:

@@ -115,17 +115,17 @@ def extract(
     names = relative_names(paths, None if root is None else Path(root))
     folder = None if out is None else Path(out)
     # Hashing the weights costs a second for a ViT-L: only for features kept on disk.
-    wanted = {}
+    wanted, record = {}, {}
     if folder is not None:
         wanted = extract_fingerprint(
             model, names, paths, preprocess, batch_size, precision, local, local_dtype
         )
-    record = {
-        **fp.weights_record(weights),
-        "device": device,
-        "vprkit_version": vprkit.__version__,
-        "root": None if root is None else str(root),
-    }
+        record = {
+            **fp.weights_record(weights),
+            "device": device,
+            "vprkit_version": vprkit.__version__,
+            "root": None if root is None else str(root),
+        }
     if folder is not None and is_features_folder(folder):
         existing = load_features(folder)
         if not local and existing.has_local:
@@ -135,27 +135,53 @@ def extract(
     if on_compute is not None:
         on_compute()
     staging = None if folder is None else staging_folder(folder)
+    global_desc, local_cache = _compute(
+        model,
+        paths,
+        preprocess,
+        local_file=None if not local else local_path(staging) if staging else _temporary_local(),
+        local_dtype=local_dtype,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        precision=precision,
+        label=label,
+    )
+    features = Features(
+        names=names,
+        global_desc=global_desc,
+        image_hw=network_input_hw(preprocess, paths[0]),
+        fingerprint=json.loads(json.dumps(wanted)),
+        record=record,
+        local=local_cache,
+    )
+    if staging is None:
+        return features
+    return publish(features, staging, folder)
+
+
+def _compute(
+    model: nn.Module,
+    paths: list[Path],
+    preprocess: Preprocess,
+    *,
+    local_file: Path | None,
+    local_dtype: str,
+    **options,
+) -> tuple[np.ndarray, LocalFeatureCache | None]:
+    """The forward passes: global descriptors, and local features into `local_file`."""
     cache: dict[str, LocalFeatureCache] = {}
 
     def sink(indices: torch.Tensor, features: torch.Tensor) -> None:
-        if "local" not in cache:
-            where = local_path(staging) if staging else _temporary_local_path()
+        if "local" not in cache:  # the first batch fixes the features' shape
             cache["local"] = LocalFeatureCache.create(
-                where, len(paths), features.shape[1:], local_dtype
+                local_file, len(paths), features.shape[1:], local_dtype
             )
         cache["local"].write(indices, features)
 
     try:
         global_desc = extract_global_descriptors(
-            model,
-            paths,
-            preprocess,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            device=device,
-            precision=precision,
-            label=label,
-            local_sink=sink if local else None,
+            model, paths, preprocess, local_sink=sink if local_file else None, **options
         )
         if "local" in cache:
             cache["local"].close()  # publishes the finished cache, reopened read-only
@@ -163,20 +189,10 @@ def extract(
         if "local" in cache:
             cache["local"].abort()
         raise
-    features = Features(
-        names=names,
-        global_desc=global_desc,
-        image_hw=network_input_hw(preprocess, paths[0]),
-        fingerprint=json.loads(json.dumps(wanted)),
-        record=record,
-        local=cache.get("local"),
-    )
-    if staging is None:
-        return features
-    return publish(features, staging, folder)
+    return global_desc, cache.get("local")
 
 
-def _temporary_local_path() -> Path:
+def _temporary_local() -> Path:
     """In-memory extraction with local features still needs a file for them (they can be
     tens of GB): a temporary folder, removed when the process ends."""
     import atexit
