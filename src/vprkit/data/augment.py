@@ -1,11 +1,12 @@
 """Training-time augmentations on PIL images, following torchvision's (0.15) PIL code paths.
 
-The official CricaVPR training applies ``Resize`` + ``RandAugment(num_ops=3)`` + ``Normalize``
-(Lu-Feng/CricaVPR's train.py); SelaVPR trains with ``Resize`` + ``Normalize`` and has optional horizontal flip and
-colour jitter (Lu-Feng/SelaVPR). torchvision is not a dependency, so the transforms live here, each one
-doing what torchvision does on a PIL image: the same Pillow calls (``ImageEnhance``,
-``ImageOps``, ``Image.transform`` / ``Image.rotate`` with nearest sampling), the same parameter
-formulas and the same magnitude tables.
+The official CricaVPR training applies ``Resize`` + ``RandAugment(num_ops=3)`` +
+``Normalize`` (Lu-Feng/CricaVPR's train.py); SelaVPR trains with ``Resize`` + ``Normalize``
+and has optional horizontal flip and colour jitter (Lu-Feng/SelaVPR). torchvision is not a
+dependency, so the transforms live here, each one doing what torchvision does on a PIL
+image: the same Pillow calls (``ImageEnhance``, ``ImageOps``, ``Image.transform`` /
+``Image.rotate`` with nearest sampling), the same parameter formulas and the same magnitude
+tables.
 
 Randomness: every random function takes a CPU ``torch.Generator`` as ``rng`` and never touches
 a global RNG, so training is reproducible and resumable (save ``rng.get_state()``). The draws
@@ -795,8 +796,8 @@ class TrainTransform:
 def cricavpr_train_transform(
     image_size: int | tuple[int, int] = (224, 224), **overrides: object
 ) -> TrainTransform:
-    """CricaVPR training (its official train.py): bilinear resize, ``RandAugment(num_ops=3)``, ImageNet
-    normalization. ``overrides`` replace any :class:`TrainTransform` field."""
+    """CricaVPR training (its official train.py): bilinear resize, ``RandAugment(num_ops=3)``,
+    ImageNet normalization. ``overrides`` replace any :class:`TrainTransform` field."""
     base = TrainTransform(image_size=image_size, rand_augment_num_ops=3)
     return dataclasses.replace(base, **overrides)
 
@@ -804,7 +805,8 @@ def cricavpr_train_transform(
 def selavpr_train_transform(
     image_size: int | tuple[int, int] = (224, 224), **overrides: object
 ) -> TrainTransform:
-    """SelaVPR training (its official code): bilinear resize and ImageNet normalization, no augmentation
-    (its off-by-default flip and colour jitter can be turned on through ``overrides``)."""
+    """SelaVPR training (its official code): bilinear resize and ImageNet normalization, no
+    augmentation (its off-by-default flip and colour jitter can be turned on through
+    ``overrides``)."""
     base = TrainTransform(image_size=image_size)
     return dataclasses.replace(base, **overrides)
