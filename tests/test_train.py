@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import vprkit
+from vprkit.errors import VprkitError
 from vprkit.train.loop import train
 from vprkit.weights import read_checkpoint
 
@@ -110,8 +111,11 @@ def test_resume_mid_epoch_gives_identical_weights(tiny_synthetic, tmp_path):
     first, _ = train("gsv", {**cfg, "max_steps": 2, "run_name": "resumed"})
     assert read_checkpoint(first / "last.pth")["batch_in_epoch"] == 2
     steps = []
+    # Changes resume allows: they never touch a step's numbers (a loader worker, another
+    # checkpoint rhythm), so the weights still come out bit-identical.
+    allowed = {"max_steps": 5, "num_workers": 1, "checkpoint_every": 1}
     resumed, summary = train(
-        "gsv", {**cfg, "max_steps": 5}, resume=first / "last.pth", on_step=steps.append
+        "gsv", {**cfg, **allowed}, resume=first / "last.pth", on_step=steps.append
     )
     assert resumed == first and summary["step"] == 5 and steps == [3, 4, 5]
     assert_same_weights(final_weights(straight), final_weights(resumed))
@@ -142,10 +146,17 @@ def test_kill_9_loses_only_the_steps_since_the_last_checkpoint(tiny_synthetic, t
     checkpoint = read_checkpoint(run_dir / "last.pth")  # intact, from step 2
     assert checkpoint["step"] == 2
     assert not list(run_dir.glob("*.tmp"))
+    killed_rows = list(csv.DictReader(open(run_dir / "train_log.csv")))
+    assert [int(r["step"]) for r in killed_rows] == [1, 2, 3]  # step 3 is redone on resume
     _, summary = train("gsv", {**cfg, "max_steps": 5}, resume=run_dir / "last.pth")
     straight, _ = train("gsv", {**cfg, "max_steps": 5, "run_name": "straight"})
     assert summary["step"] == 5
     assert_same_weights(final_weights(straight), final_weights(run_dir))
+    # The log has every step once, with the losses of the uninterrupted run.
+    rows = list(csv.DictReader(open(run_dir / "train_log.csv")))
+    straight_rows = list(csv.DictReader(open(straight / "train_log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows]
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tiny_synthetic, tmp_path):
@@ -182,10 +193,19 @@ def test_bad_settings_are_clear(tiny_synthetic, tmp_path):
 
 
 def test_resume_refuses_other_settings(tiny_synthetic, tmp_path):
-    cfg = settings(tiny_synthetic, tmp_path, epochs=1, max_steps=1)
+    # Before the fix, a changed lr or loss parameter was accepted: the run kept the old
+    # value while its checkpoints recorded the new one.
+    cfg = settings(tiny_synthetic, tmp_path, epochs=2, max_steps=1)
     run_dir, _ = train("gsv", cfg)
-    with pytest.raises(ValueError, match="other settings.*image_size"):
+    with pytest.raises(VprkitError, match="other settings.*image_size"):
         train("gsv", {**cfg, "image_size": [42, 42]}, resume=run_dir / "last.pth")
+    changed = {**cfg, "lr": 2e-3, "ms_beta": 40.0, "max_steps": 2}
+    with pytest.raises(VprkitError) as info:
+        train("gsv", changed, resume=run_dir / "last.pth")
+    message = str(info.value)
+    assert "lr: 0.001 there, 0.002 now" in message and "ms_beta: 50.0 there, 40.0 now" in message
+    assert "max_steps" not in message.split(". ")[0]  # an allowed change is not listed
+    assert read_checkpoint(run_dir / "last.pth")["step"] == 1  # nothing was trained
 
 
 def test_cricavpr_recipe_trains_a_tiny_model_from_scratch(tiny_synthetic, tmp_path):

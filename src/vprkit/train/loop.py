@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import random
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -29,27 +30,42 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from vprkit.atomic import atomic_path
+from vprkit.errors import VprkitError
 from vprkit.extract import autocast_context
 from vprkit.models.registry import model_info
 from vprkit.train.distributed import World, barrier, broadcast_object, cleanup, init_world
 from vprkit.train.recipes import RECIPES, Recipe, apply_train_only, get_recipe
+from vprkit.train.settings import SettingError, check_combination, check_settings
 from vprkit.weights import read_checkpoint, save_checkpoint
 
 log = logging.getLogger("vprkit.train")
 
-# Settings that must agree between a checkpoint and the run resuming it.
-RESUME_MUST_MATCH = (
-    "model",
-    "model_options",
-    "train_only",
-    "image_size",
-    "places_per_batch",
-    "images_per_place",
-    "seed",
-    "optimizer",
-    "scheduler",
-    "grad_accum",
+# The only settings `--resume` lets differ from the checkpoint's: with them changed, the
+# resumed run still equals an uninterrupted run with the new values, because they never
+# touch a step's numbers. num_workers: every item's augmentation is seeded by (seed, epoch,
+# index), whichever worker loads it. checkpoint_every: when last.pth is written (saving reads
+# the RNGs, it draws nothing). max_steps and epochs: where the run stops (not before the
+# checkpoint; epochs not when the schedule is built from it, see RESUME_EPOCHS_SCHEDULED).
+# save_dir and run_name: ignored on resume, which continues in the checkpoint's folder.
+# device: only another device of the same type (cuda:0 -> cuda:1); cpu and cuda differ in
+# their kernels and random streams. Every other setting must match, so a resumed run never
+# keeps an old value while its checkpoints record a new one.
+RESUME_MAY_CHANGE = (
+    "num_workers",
+    "checkpoint_every",
+    "max_steps",
+    "epochs",
+    "save_dir",
+    "run_name",
+    "device",
 )
+# Schedulers whose every learning rate depends on `epochs` (so it may not change on resume).
+RESUME_EPOCHS_SCHEDULED = ("cosine", "warmup_cosine_epochs")
+
+
+class ResumeRefusedError(VprkitError):
+    """`--resume` with a checkpoint it cannot continue exactly under the given settings."""
 
 
 # --------------------------------------------------------------------------- configuration
@@ -62,41 +78,80 @@ def _parse_value(text: str):
         return text
 
 
+class ConfigFileNotFoundError(VprkitError, FileNotFoundError):
+    """`--config FILE` names no file."""
+
+
 def read_config_file(path: Path) -> dict:
-    """A TOML or YAML file of settings (flat keys, as `vprkit train METHOD --help` lists)."""
+    """A TOML or YAML file of settings (flat keys, as `vprkit train METHOD --help` lists).
+    A malformed file is refused naming the file and the line."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text()
-    if path.suffix == ".toml":
+        raise ConfigFileNotFoundError(f"config file not found: {path}")
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise VprkitError(f"{path}: config files are .toml, .yaml or .yml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise VprkitError(f"{path}: not a text file (not UTF-8: {err.reason})") from None
+    data = _read_toml(path, text) if path.suffix == ".toml" else _read_yaml(path, text)
+    if not isinstance(data, dict):
+        raise VprkitError(
+            f"{path}: expected a mapping of settings (KEY: VALUE lines), got a "
+            f"{type(data).__name__}"
+        )
+    return data
+
+
+def _read_toml(path: Path, text: str) -> dict:
+    try:
         import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
 
+    try:
         return tomllib.loads(text)
-    if path.suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError as err:
-            raise ValueError(f"{path}: reading YAML needs PyYAML (pip install pyyaml)") from err
-        data = yaml.safe_load(text) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of settings")
-        return data
-    raise ValueError(f"{path}: config files are .toml, .yaml or .yml")
+    except tomllib.TOMLDecodeError as err:
+        # tomllib puts the place at the end of its message: "... (at line 3, column 5)".
+        message = str(err)
+        where = re.search(r"\(at line (\d+), column (\d+)\)$", message)
+        if where:
+            message = message[: where.start()].rstrip()
+            raise VprkitError(
+                f"{path}, line {where[1]}, column {where[2]}: not valid TOML: {message}"
+            ) from None
+        raise VprkitError(f"{path}: not valid TOML: {message}") from None
 
 
-def resolve_config(recipe: Recipe, file_settings: dict, cli_settings: dict) -> dict:
-    """The recipe's defaults, then the config file, then the command line."""
+def _read_yaml(path: Path, text: str):
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None) or str(err)
+        context = getattr(err, "context", None)
+        detail = f"{problem} ({context})" if context else problem
+        if mark is not None:  # PyYAML counts lines and columns from 0
+            raise VprkitError(
+                f"{path}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {detail}"
+            ) from None
+        raise VprkitError(f"{path}: not valid YAML: {detail}") from None
+    return {} if data is None else data
+
+
+def resolve_config(
+    recipe: Recipe, file_settings: dict, cli_settings: dict, config_file: Path | None = None
+) -> dict:
+    """The recipe's defaults, then the config file, then the command line; every value
+    checked for its type and range (`vprkit.train.settings`)."""
     cfg = recipe.config_defaults()
-    for source, settings in (("config file", file_settings), ("command line", cli_settings)):
-        unknown = sorted(set(settings) - set(cfg))
-        if unknown:
-            raise ValueError(
-                f"unknown setting(s) {unknown} in the {source}; known: {', '.join(sorted(cfg))}"
-            )
-        cfg.update(settings)
-    if cfg["grad_accum"] < 1:
-        raise ValueError(f"grad_accum must be at least 1, got {cfg['grad_accum']}")
-    if cfg["save_best"] and not cfg["save_best"].startswith("R@"):
-        raise ValueError(f"save_best must look like R@5, got {cfg['save_best']!r}")
+    recipes = {name: r.config_defaults() for name, r in RECIPES.items() if name != recipe.name}
+    file_where = f"in config file {config_file}" if config_file else "in the config file"
+    for where, settings in ((file_where, file_settings), ("on the command line", cli_settings)):
+        cfg.update(check_settings(settings, cfg, where, recipe.name, recipes))
+    check_combination(cfg)
     return cfg
 
 
@@ -113,7 +168,7 @@ def make_optimizer(cfg: dict, params: list[nn.Parameter]) -> torch.optim.Optimiz
         return torch.optim.SGD(
             params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"]
         )
-    raise ValueError(f"optimizer must be adam, adamw or sgd, got {name!r}")
+    raise VprkitError(f"optimizer must be adam, adamw or sgd, got {name!r}")
 
 
 def make_scheduler(cfg: dict, optimizer, steps_per_epoch: int):
@@ -144,7 +199,7 @@ def make_scheduler(cfg: dict, optimizer, steps_per_epoch: int):
                 step // max(1, steps_per_epoch), cfg["warmup_epochs"], cfg["epochs"]
             ),
         )
-    raise ValueError(f"scheduler must be none, step, cosine or warmup_cosine_epochs, got {name!r}")
+    raise VprkitError(f"scheduler must be none, step, cosine or warmup_cosine_epochs, got {name!r}")
 
 
 def r2former_epoch_factor(epoch: int, warmup_epochs: int, epochs: int) -> float:
@@ -210,19 +265,43 @@ class MetricsLog:
                 if isinstance(value, int | float):
                     self.tensorboard.add_scalar(key, value, step)
 
+    def drop_after(self, step: int) -> None:
+        """Keep only the rows up to `step` (and no half-written last line) in every CSV."""
+        for path in sorted(self.run_dir.glob("*_log.csv")):
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+            if not rows:
+                continue
+            header, kept = rows[0], []
+            for row in rows[1:]:
+                if len(row) != len(header) or not row[0].isdigit() or int(row[0]) > step:
+                    break  # the rest of the file was written after the checkpoint
+                kept.append(row)
+            if len(kept) == len(rows) - 1:
+                continue
+            with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows([header, *kept])
+            log.info(
+                "%s: dropped %d row(s) after step %d", path.name, len(rows) - 1 - len(kept), step
+            )
+
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
 
 
-def load_validation_set(folder: str | os.PathLike, split: str):
+def load_validation_set(
+    folder: str | os.PathLike, split: str, positive_dist_threshold: float = 25.0
+):
     """`split` of any layout `vprkit.data.formats` reads; on a Mapillary SLS root, its
-    official validation set (cph + sf, the 740 queries the papers report)."""
+    official validation set (cph + sf, the 740 queries the papers report at 25 m)."""
     from vprkit.data.formats import detect_format, open_dataset
 
     layout = detect_format(folder).name
     options = {"msls_split": "val"} if layout == "msls" else {"split": split}
-    return open_dataset(folder, format=layout, **options)
+    return open_dataset(
+        folder, format=layout, positive_dist_threshold=positive_dist_threshold, **options
+    )
 
 
 # --------------------------------------------------------------------------- the loop
@@ -241,6 +320,7 @@ class Trainer:
         world: World,
         resume: dict | None = None,
         on_step: Callable[[int], None] | None = None,
+        data=None,
     ) -> None:
         self.recipe, self.cfg, self.run_dir, self.world = recipe, cfg, run_dir, world
         self.on_step = on_step
@@ -254,8 +334,8 @@ class Trainer:
         )
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
-            raise ValueError("no trainable parameters: check train_only")
-        self.source, description = recipe.build_data(cfg, world, self.model)
+            raise VprkitError("no trainable parameters: check train_only")
+        self.source, description = recipe.build_data(cfg, world, self.model, data)
         log.info("training data: %s", description)
         self.steps_per_epoch = math.ceil(self.source.num_batches / cfg["grad_accum"])
         self.optimizer = make_optimizer(cfg, params)
@@ -276,6 +356,9 @@ class Trainer:
             self._restore(resume)
         self.validation = self._validation_set() if world.is_main else None
         self.metrics = MetricsLog(run_dir) if world.is_main else None
+        if self.metrics is not None and resume is not None:
+            # Rows a killed run wrote after its last checkpoint are redone now: drop them.
+            self.metrics.drop_after(self.step)
 
     # ---- checkpoints
 
@@ -323,10 +406,11 @@ class Trainer:
         from vprkit.data.images import Preprocess
         from vprkit.pipeline import dataset_positives
 
-        dataset = load_validation_set(folder, self.cfg["val_split"])
-        positives = dataset_positives(dataset, self.cfg["positive_dist_threshold"])
+        radius = self.cfg["positive_dist_threshold"]
+        dataset = load_validation_set(folder, self.cfg["val_split"], radius)
+        positives = dataset_positives(dataset, radius)
         if positives is None:
-            raise ValueError(f"validation set {folder} has no labels")
+            raise VprkitError(f"validation set {folder} has no labels")
         size = self.cfg["val_image_size"] or self.cfg["image_size"]
         return dataset, positives, Preprocess(image_size=tuple(size))
 
@@ -340,7 +424,7 @@ class Trainer:
         rerank_num = self.cfg["val_rerank_num"]
         reranker = model_info(self.model).reranker if rerank_num else None
         if rerank_num and reranker is None:
-            raise ValueError(f"val_rerank_num needs a model with a re-ranker: {self.cfg['model']}")
+            raise VprkitError(f"val_rerank_num needs a model with a re-ranker: {self.cfg['model']}")
         recalls = validation_recalls(
             self.model,
             dataset,
@@ -373,12 +457,18 @@ class Trainer:
                 self.history.append({"epoch": -1, **{f"R@{n}": v for n, v in recalls.items()}})
         barrier(world)
         self.model.train()
+        # The overall estimate: the time per optimizer step so far in this process, times the
+        # steps left (an epoch bar alone says nothing about the epochs still to come).
+        total_steps = cfg["epochs"] * self.steps_per_epoch
+        if cfg["max_steps"] is not None:
+            total_steps = min(total_steps, cfg["max_steps"])
+        start_time, start_step = time.perf_counter(), self.step
         while self.epoch < cfg["epochs"] and not self._stop_requested():
             self.source.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
             bar = tqdm(
                 total=self.source.num_batches,
                 initial=self.batch_in_epoch,
-                desc=f"epoch {self.epoch}",
+                desc=f"epoch {self.epoch + 1} of {cfg['epochs']}",
                 unit="batch",
                 disable=not world.is_main,
                 leave=False,
@@ -417,7 +507,9 @@ class Trainer:
                 images = 0
                 if self.metrics is not None:
                     self.metrics.write(self.step, values)
-                bar.set_postfix(loss=f"{loss_value:.4f}")
+                per_step = (time.perf_counter() - start_time) / (self.step - start_step)
+                left = max(0, total_steps - self.step) * per_step
+                bar.set_postfix(loss=f"{loss_value:.4f}", left=_duration(left))
                 if self.step % cfg["checkpoint_every"] == 0 and not last_of_epoch:
                     self._checkpoint("last.pth")
                 if self.on_step is not None:
@@ -453,7 +545,7 @@ class Trainer:
                 )
             key = int(self.cfg["save_best"][2:])
             if key not in recalls:
-                raise ValueError(f"save_best {self.cfg['save_best']} is not among recall_values")
+                raise VprkitError(f"save_best {self.cfg['save_best']} is not among recall_values")
             if self.best is None or recalls[key] > self.best:
                 self.best, self.not_improved = recalls[key], 0
                 self._checkpoint("best.pth")
@@ -468,6 +560,16 @@ class Trainer:
                     )
         self._checkpoint("last.pth")
         return bool(broadcast_object(self.world, stop))
+
+
+def _duration(seconds: float) -> str:
+    """`1h05m`, `4m10s` or `12s`: the overall time left on the progress bar."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 # --------------------------------------------------------------------------- command line
@@ -518,32 +620,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _key_value(item: str, flag: str) -> tuple[str, object]:
+    key, equals, value = item.partition("=")
+    if not equals or not key.strip():
+        raise SettingError(f"{flag} expects KEY=VALUE, got {item!r} (e.g. {flag} lr=1e-5)")
+    return key.strip(), _parse_value(value)
+
+
 def _cli_settings(args: argparse.Namespace) -> dict:
-    settings = {}
-    for item in args.settings:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        settings[key] = _parse_value(value)
+    settings = dict(_key_value(item, "--set") for item in args.settings)
     for name in [*FLAGS, "image_size"]:
         value = getattr(args, name)
         if value is not None:
             settings[name] = str(value) if isinstance(value, Path) else value
     if args.model_option:
-        settings["model_options"] = {
-            k: _parse_value(v) for k, v in (o.split("=", 1) for o in args.model_option)
-        }
+        settings["model_options"] = dict(
+            _key_value(item, "--model_option") for item in args.model_option
+        )
     return settings
 
 
+def _resume_allows(key: str, saved: dict, cfg: dict, checkpoint: dict) -> str | None:
+    """Why `key` may not change on this resume, or None when it may."""
+    if key not in RESUME_MAY_CHANGE:
+        return "it changes the result"
+    if key == "device":
+        same_type = saved[key].partition(":")[0] == cfg[key].partition(":")[0]
+        return None if same_type else "cpu, cuda and mps differ in kernels and random streams"
+    if key == "epochs":
+        if cfg["scheduler"] in RESUME_EPOCHS_SCHEDULED:
+            return f"scheduler={cfg['scheduler']} sets every learning rate from it"
+        if cfg[key] < checkpoint["epoch"]:
+            return f"the checkpoint has already finished {checkpoint['epoch']} epochs"
+    if key == "max_steps" and cfg[key] is not None and cfg[key] < checkpoint["step"]:
+        return f"the checkpoint is already at step {checkpoint['step']}"
+    return None
+
+
 def _check_resume(checkpoint: dict, cfg: dict, method: str, path: Path) -> None:
+    """Refuse a resume that could not continue exactly: another method, or a changed
+    setting other than `RESUME_MAY_CHANGE`'s (each listed, old there and new now)."""
     if checkpoint.get("method") != method:
-        raise ValueError(f"{path} is a {checkpoint.get('method')!r} run, not {method!r}")
+        raise ResumeRefusedError(
+            f"cannot resume {path}: it is a {checkpoint.get('method')!r} run, not {method!r}"
+        )
     saved = checkpoint["config"]
-    differ = [k for k in RESUME_MUST_MATCH if saved.get(k) != cfg.get(k)]
-    if differ:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} vs {cfg.get(k)!r}" for k in differ)
-        raise ValueError(f"{path} was trained with other settings ({shown})")
+    refused = []
+    for key in sorted(set(saved) | set(cfg)):
+        old, new = saved.get(key, "(not recorded)"), cfg.get(key, "(not a setting now)")
+        if old == new:
+            continue
+        why = _resume_allows(key, saved, cfg, checkpoint)
+        if why is not None:
+            refused.append(f"{key}: {old!r} there, {new!r} now ({why})")
+        else:
+            log.info("resume: %s changed from %r to %r (allowed)", key, old, new)
+    if refused:
+        raise ResumeRefusedError(
+            f"cannot resume {path} with other settings than it was trained with: "
+            + "; ".join(refused)
+            + f". Use the checkpoint's values or start a new run; only "
+            f"{', '.join(RESUME_MAY_CHANGE)} may change on resume"
+        )
 
 
 def _setup_logging(run_dir: Path | None, world: World) -> None:
@@ -582,13 +720,24 @@ def train(
     """Train `method`; returns the run folder and a summary. The programmatic entry point;
     `on_step(step)` is called after every optimizer step (see `Trainer`)."""
     recipe = get_recipe(method)
-    cfg = resolve_config(recipe, read_config_file(config_file) if config_file else {}, settings)
+    file_settings = read_config_file(config_file) if config_file else {}
+    cfg = resolve_config(recipe, file_settings, settings, config_file)
+    checkpoint = None
+    if resume is not None:
+        resume = Path(resume)
+        checkpoint = read_checkpoint(resume)
+        _check_resume(checkpoint, cfg, method, resume)
     world = init_world(cfg["device"])
     try:
-        checkpoint = None
+        # Everything a user can get wrong is checked before the run folder is made.
+        recipe.check_model_settings(cfg)
+        if cfg["val_rerank_num"] and model_info(cfg["model"]).reranker is None:
+            raise SettingError(
+                f"val_rerank_num={cfg['val_rerank_num']} needs a model with a re-ranker, and "
+                f"{cfg['model']!r} has none; set val_rerank_num=0"
+            )
+        data = recipe.read_data(cfg, world)
         if resume is not None:
-            checkpoint = read_checkpoint(resume)
-            _check_resume(checkpoint, cfg, method, resume)
             run_dir = resume.parent
         else:
             run_dir = None
@@ -606,7 +755,9 @@ def train(
             world.size,
             "es" if world.size > 1 else "",
         )
-        trainer = Trainer(recipe, cfg, run_dir, world, resume=checkpoint, on_step=on_step)
+        trainer = Trainer(
+            recipe, cfg, run_dir, world, resume=checkpoint, on_step=on_step, data=data
+        )
         summary = trainer.train()
         if world.is_main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

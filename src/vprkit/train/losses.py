@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vprkit.errors import VprkitError
 from vprkit.models.outputs import DescriptorOutput
 
 
@@ -70,7 +71,7 @@ class TripletLoss:
         if not self.local_weight:
             return global_loss, figures
         if out.local_desc is None:
-            raise ValueError("local_loss_weight > 0 needs a model with dense local features")
+            raise VprkitError("local_loss_weight > 0 needs a model with dense local features")
         maps = out.local_desc.float()
         maps = maps.view(batch, group, maps.shape[1], -1)
         local_loss = maps.new_zeros(())

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from vprkit.data.augment import TrainTransform
+from vprkit.errors import VprkitError
 from vprkit.models.registry import create_model, model_info
 from vprkit.train.distributed import World, gather, gather_with_grad
 from vprkit.train.losses import MultiSimilarity, R2FormerLoss, TripletLoss
@@ -98,7 +99,7 @@ def apply_train_only(model: nn.Module, patterns: list[str] | None) -> tuple[int,
             matched.update(hits)
         unused = [pat for pat in patterns if pat not in matched]
         if unused:
-            raise ValueError(f"train_only patterns match no parameter: {unused}")
+            raise VprkitError(f"train_only patterns match no parameter: {unused}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
 
@@ -114,9 +115,21 @@ class Recipe:
     def config_defaults(self) -> dict:
         return {**COMMON_DEFAULTS, **self.defaults}
 
-    def build_model(self, cfg: dict) -> nn.Module:
+    def check_model_settings(self, cfg: dict) -> None:
+        """What `build_model` would refuse, checked before a run folder is made."""
         if not cfg["model"]:
-            raise ValueError(f"recipe {self.name!r} needs a model: set model=<registered name>")
+            raise VprkitError(
+                f"recipe {self.name!r} needs a model: set model=<registered name> "
+                "(`vprkit models` lists them)"
+            )
+
+    def read_data(self, cfg: dict, world: World):
+        """The training data's index (file lists, no image decoded), checked against the batch
+        settings; `build_data` then makes the batch source from it."""
+        raise NotImplementedError
+
+    def build_model(self, cfg: dict) -> nn.Module:
+        self.check_model_settings(cfg)
         if self.official_init and not cfg["init_weights"]:
             log.warning(
                 "recipe %s: starting from random weights; the official run starts from %s "
@@ -127,8 +140,9 @@ class Recipe:
             )
         return create_model(cfg["model"], weights=cfg["init_weights"], **cfg["model_options"])
 
-    def build_data(self, cfg: dict, world: World, model: nn.Module):
-        """(a batch source from `vprkit.train.sources`, a description for the log)."""
+    def build_data(self, cfg: dict, world: World, model: nn.Module, data=None):
+        """(a batch source from `vprkit.train.sources`, a description for the log); `data`
+        is what `read_data` returned (read here when not given)."""
         raise NotImplementedError
 
     def train_module(self, model: nn.Module) -> nn.Module:
@@ -147,15 +161,34 @@ class Recipe:
 class GSVRecipe(Recipe):
     """Places x images batches from a GSV-Cities tree, multi-similarity loss (CricaVPR)."""
 
-    def build_data(self, cfg: dict, world: World, model: nn.Module):
-        from vprkit.data.gsv_cities import GSVCitiesDataset, collate_places, read_gsv_cities
-        from vprkit.train.samplers import PlaceBatchSampler
+    def read_data(self, cfg: dict, world: World):
+        from vprkit.data.gsv_cities import read_gsv_cities
 
         if not cfg.get("gsv_root"):
-            raise ValueError(f"recipe {self.name!r} needs gsv_root=<GSV-Cities folder>")
+            raise VprkitError(f"recipe {self.name!r} needs gsv_root=<GSV-Cities folder>")
         data = read_gsv_cities(
             cfg["gsv_root"], cities=cfg["cities"], min_images_per_place=cfg["images_per_place"]
         )
+        places, per_batch = len(data), cfg["places_per_batch"]
+        if per_batch > places:
+            raise VprkitError(
+                f"places_per_batch={per_batch} is more than the {places} places of "
+                f"{cfg['gsv_root']} with at least images_per_place={cfg['images_per_place']} "
+                f"images; set places_per_batch={places} or fewer"
+            )
+        if per_batch % world.size:
+            raise VprkitError(
+                f"places_per_batch={per_batch} must divide by the {world.size} processes "
+                "(each gets an equal slice of every batch)"
+            )
+        return data
+
+    def build_data(self, cfg: dict, world: World, model: nn.Module, data=None):
+        from vprkit.data.gsv_cities import GSVCitiesDataset, collate_places
+        from vprkit.train.samplers import PlaceBatchSampler
+
+        if data is None:
+            data = self.read_data(cfg, world)
         transform = TrainTransform(
             image_size=tuple(cfg["image_size"]),
             horizontal_flip_p=cfg["horizontal_flip_p"],
@@ -197,18 +230,17 @@ class TripletRecipe(Recipe):
     re-mined with the current model, triplet loss on global descriptors, plus SelaVPR's
     mutual-NN local loss when `local_loss_weight` > 0."""
 
-    def build_data(self, cfg: dict, world: World, model: nn.Module):
-        from vprkit.data.images import Preprocess
-        from vprkit.data.triplets import (
-            TripletsDataset,
-            collate_triplets,
-            load_triplet_data,
-            model_feature_fn,
-        )
+    def read_data(self, cfg: dict, world: World):
+        from vprkit.data.triplets import load_triplet_data
 
         if not cfg.get("train_dataset_folder"):
-            raise ValueError(
+            raise VprkitError(
                 f"recipe {self.name!r} needs train_dataset_folder=<VG dataset or MSLS root>"
+            )
+        if cfg["mining"] == "precomputed" and not cfg["hard_negatives_file"]:
+            raise VprkitError(
+                "mining=precomputed needs hard_negatives_file=<a `vprkit mine` file>; or "
+                "mining=partial to mine with the model"
             )
         data = load_triplet_data(
             cfg["train_dataset_folder"],
@@ -217,6 +249,31 @@ class TripletRecipe(Recipe):
             val_positive_dist_threshold=cfg["positive_dist_threshold"],
             msls_cities=cfg["msls_cities"],
         )
+        batch, queries = cfg["train_batch_size"], data.num_queries
+        if batch > queries:
+            raise VprkitError(
+                f"train_batch_size={batch} is more than the {queries} training queries (with a "
+                f"positive) of {cfg['train_dataset_folder']}; set train_batch_size={queries} "
+                "or fewer"
+            )
+        if batch > cfg["cache_refresh_rate"]:
+            raise VprkitError(
+                f"cache_refresh_rate={cfg['cache_refresh_rate']} mines fewer queries than one "
+                f"batch of train_batch_size={batch}; set cache_refresh_rate={batch} or more"
+            )
+        if batch % world.size:
+            raise VprkitError(
+                f"train_batch_size={batch} must divide by the {world.size} processes (each "
+                "gets an equal slice of every batch)"
+            )
+        return data
+
+    def build_data(self, cfg: dict, world: World, model: nn.Module, data=None):
+        from vprkit.data.images import Preprocess
+        from vprkit.data.triplets import TripletsDataset, collate_triplets, model_feature_fn
+
+        if data is None:
+            data = self.read_data(cfg, world)
         transform = TrainTransform(
             image_size=tuple(cfg["image_size"]),
             horizontal_flip_p=cfg["horizontal_flip_p"],
@@ -291,16 +348,16 @@ class R2FormerRecipe(TripletRecipe):
     bytedance/R2Former): `triplet_loss` on
     the global descriptors and/or `rerank_loss`, the re-ranker's 2-class cross-entropy."""
 
-    def build_model(self, cfg: dict) -> nn.Module:
+    def check_model_settings(self, cfg: dict) -> None:
+        super().check_model_settings(cfg)
         if cfg["rerank_loss"] and not cfg["triplet_loss"] and not cfg["init_weights"]:
-            raise ValueError(
+            raise VprkitError(
                 f"recipe {self.name!r} trains the re-ranker on a frozen global model: set "
                 "init_weights=<a trained global model> (a `vprkit train r2former` best.pth, "
                 "or init_weights=r2former_global_msls, the official msls_v2_deits.pth)"
             )
         if not (cfg["rerank_loss"] or cfg["triplet_loss"]):
-            raise ValueError("set triplet_loss=True, rerank_loss=True or both")
-        return super().build_model(cfg)
+            raise VprkitError("set triplet_loss=True, rerank_loss=True or both")
 
     def train_module(self, model: nn.Module) -> nn.Module:
         return R2FormerPairs(model)
@@ -489,5 +546,5 @@ RECIPES["r2former_joint"] = R2FormerRecipe(
 
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        raise ValueError(f"unknown training method {name!r}; known: {', '.join(RECIPES)}")
+        raise VprkitError(f"unknown training method {name!r}; known: {', '.join(RECIPES)}")
     return RECIPES[name]

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from vprkit.errors import VprkitError
 from vprkit.train.distributed import World, broadcast_object
 
 
@@ -70,14 +71,14 @@ class TripletSource:
         seed: int,
     ) -> None:
         if batch_size % world.size:
-            raise ValueError(f"batch size {batch_size} must divide by {world.size} processes")
+            raise VprkitError(f"batch size {batch_size} must divide by {world.size} processes")
         self.dataset, self.batch_size, self.world = dataset, batch_size, world
         self.collate, self.num_workers, self.seed = collate, num_workers, seed
         refresh = min(dataset.miner.cache_refresh_rate, dataset.data.num_queries)
         self.refreshes = max(1, math.ceil(queries_per_epoch / refresh))
         self.batches_per_refresh = refresh // batch_size
         if self.batches_per_refresh == 0:
-            raise ValueError(f"a refresh of {refresh} queries makes no batch of {batch_size}")
+            raise VprkitError(f"a refresh of {refresh} queries makes no batch of {batch_size}")
         self.feature_fn = None
         self.start_batch = 0
         self._resume: dict | None = None
