@@ -14,6 +14,7 @@ import pytest
 
 from vprkit import hub
 from vprkit.cli import main
+from vprkit.errors import VprkitError
 
 PAYLOAD = random.Random(0).randbytes(3 * 2**20 + 12345)
 PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
@@ -138,7 +139,7 @@ def test_wrong_checksum_leaves_nothing(server, tmp_path):
         hub.download(f"{server.base}/full/w.pth", dest, sha256="0" * 64, progress=False)
     msg = str(info.value)
     assert str(dest) in msg and "0" * 64 in msg and PAYLOAD_SHA256 in msg
-    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, VprkitError)
     assert not dest.exists() and not dest.with_suffix(".pth.part").exists()
 
 
@@ -192,8 +193,9 @@ def test_complete_part_is_finished_without_refetching(server, tmp_path):
 
 def test_http_error_is_download_error(server, tmp_path):
     url = f"{server.base}/nothing-here"
-    with pytest.raises(hub.DownloadError, match="HTTP 404"):
+    with pytest.raises(hub.DownloadError, match="HTTP 404") as info:
         hub.download(url, tmp_path / "w.pth", progress=False)
+    assert isinstance(info.value, OSError) and isinstance(info.value, VprkitError)
     assert not (tmp_path / "w.pth").exists()
 
 
@@ -259,7 +261,9 @@ def test_verify(tmp_path, home, monkeypatch):
     assert hub.verify(f, sha256=good[:10].upper()).status == "ok"
     r = hub.verify(f, sha256="f" * 64 if good[0] != "f" else "0" * 64)
     assert r.status == "mismatch" and r.actual == good and not r.ok
-    assert hub.verify(f).status == "no known checksum"
+    unknown = hub.verify(f)
+    assert unknown.status == "no known checksum" and unknown.actual == good
+    assert not unknown.ok and unknown.exit_status == 3 and good in unknown.message()
     # By table name, and by file name when no name is given.
     entry = hub.WeightsEntry("local_test", None, "w.pth", sha256_prefix=good[:8])
     monkeypatch.setitem(hub.OFFICIAL_WEIGHTS, entry.name, entry)
@@ -288,6 +292,7 @@ def test_cli_list(home, capsys):
 
 
 def test_cli_verify_exit_codes(tmp_path, home, capsys):
+    # 0 verified, 1 mismatch or error, 3 no known checksum: `verify && use` accepts only 0.
     f = tmp_path / "w.pth"
     f.write_bytes(b"abc")
     good = hashlib.sha256(b"abc").hexdigest()
@@ -297,10 +302,66 @@ def test_cli_verify_exit_codes(tmp_path, home, capsys):
     captured = capsys.readouterr()
     assert "mismatch" in captured.err and good in captured.err and "Traceback" not in captured.err
     assert len(captured.err.strip().splitlines()) == 1
-    assert main(["weights", "verify", str(f)]) == 0
-    assert "no known checksum" in capsys.readouterr().out
+    assert main(["weights", "verify", str(f)]) == 3
+    captured = capsys.readouterr()
+    assert "no known checksum" in captured.err and good in captured.err
+    assert "vprkit weights pin" in captured.err and len(captured.err.strip().splitlines()) == 1
     assert main(["weights", "verify", str(tmp_path / "missing.pth")]) == 1
     assert "no such file" in capsys.readouterr().err
+    assert "3 no known checksum" in _help(["weights", "verify", "--help"], capsys)
+
+
+def test_pinned_checksums_are_honoured(server, tmp_path, home, monkeypatch, capsys):
+    f = tmp_path / "mine.pth"
+    f.write_bytes(b"trusted")
+    trusted = hashlib.sha256(b"trusted").hexdigest()
+    assert main(["weights", "pin", str(f)]) == 0
+    assert trusted in capsys.readouterr().out
+    assert (home / "pinned_sha256.txt").read_text() == f"{trusted}  mine.pth\n"
+    assert main(["weights", "verify", str(f)]) == 0
+    assert "pin of 'mine.pth'" in capsys.readouterr().out
+    f.write_bytes(b"tampered")
+    assert main(["weights", "verify", str(f)]) == 1
+    assert trusted in capsys.readouterr().err
+    # Under another name; pinning again replaces the line.
+    assert hub.pin(f, "my_model") == ("my_model", hashlib.sha256(b"tampered").hexdigest())
+    assert hub.verify(f, name="my_model").ok and not hub.verify(f).ok
+    f.write_bytes(b"trusted")
+    hub.pin(f, "my_model")
+    assert hub.pinned_checksums() == {"mine.pth": trusted, "my_model": trusted}
+    with pytest.raises(ValueError, match="neither official .* nor pinned"):
+        hub.verify(f, name="not_pinned")
+
+    # An official entry without a checksum: its pin is checked by download and fetch.
+    entry = _local_entry(server, sha256=None)
+    monkeypatch.setitem(hub.OFFICIAL_WEIGHTS, entry.name, entry)
+    other = tmp_path / "w.pth"
+    other.write_bytes(b"not the payload")
+    assert hub.pin(other)[0] == entry.name  # named after the official entry with its file name
+    with pytest.raises(hub.ChecksumError):
+        hub.fetch(entry.name, progress=False)
+    assert not (home / "weights" / "w.pth").exists()
+    (home / "pinned_sha256.txt").write_text(f"{PAYLOAD_SHA256}  {entry.name}\n")
+    assert hub.fetch(entry.name, progress=False).read_bytes() == PAYLOAD
+    assert hub.verify(home / "weights" / "w.pth").ok
+    assert main(["weights", "list"]) == 0
+    assert "pinned checksums:" in capsys.readouterr().out
+
+    # A pin contradicting an official checksum is refused; a malformed pins file names its line.
+    official = _local_entry(server, name="official", filename="o.pth")
+    monkeypatch.setitem(hub.OFFICIAL_WEIGHTS, official.name, official)
+    with pytest.raises(hub.ChecksumError):
+        hub.pin(other, "official")
+    (home / "pinned_sha256.txt").write_text(f"{PAYLOAD_SHA256}  ok\nnot a pin\n")
+    with pytest.raises(ValueError, match="pinned_sha256.txt, line 2"):
+        hub.verify(f)
+
+
+def test_cli_list_shows_the_cache_under_home_as_tilde(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("VPRKIT_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["weights", "list"]) == 0
+    assert "cache: ~/.cache/vprkit/weights\n" in capsys.readouterr().out
 
 
 def test_cli_download(server, home, monkeypatch, capsys):
@@ -318,7 +379,14 @@ def test_cli_download(server, home, monkeypatch, capsys):
     assert not (home / "weights" / "bad.pth").exists()
 
 
+def _help(argv: list[str], capsys) -> str:
+    """What `vprkit ARGV --help` prints (argparse exits; main may turn that into a return)."""
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+    return capsys.readouterr().out
+
+
 def test_cli_help_shows_defaults(capsys):
-    with pytest.raises(SystemExit):
-        main(["weights", "download", "--help"])
-    assert "default" in capsys.readouterr().out
+    assert "default" in _help(["weights", "download", "--help"], capsys)

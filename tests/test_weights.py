@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import vprkit
+from vprkit.errors import VprkitError
 from vprkit.weights import extract_state_dict, load_weights, read_checkpoint, save_checkpoint
 
 
@@ -69,9 +70,29 @@ def test_arbitrary_pickles_are_refused_not_executed(tmp_path):
     evil.marker = marker
     path = tmp_path / "evil.pth"
     torch.save({"model_state_dict": _tiny().state_dict(), "payload": evil}, path)
-    with pytest.raises(ValueError, match="evil.pth"):
+    with pytest.raises(VprkitError) as info:
         read_checkpoint(path)
     assert not marker.exists()
+    message = str(info.value)
+    assert message.startswith(f"refusing to load 'os.system' from {path}: ")
+    assert "malformed or malicious" in message
+    assert "weights_only" not in message  # never torch's advice to load it unsafely
+
+
+class _Custom:
+    pass
+
+
+def test_a_refused_class_is_named_and_no_message_says_weights_only(tmp_path):
+    path = tmp_path / "custom.pth"
+    torch.save({"state_dict": {}, "obj": _Custom()}, path)
+    with pytest.raises(VprkitError, match=r"refusing to load 'test_weights\._Custom' from"):
+        read_checkpoint(path)
+    text = tmp_path / "notes.pth"
+    text.write_text("not a torch file")
+    with pytest.raises(VprkitError, match="notes.pth") as info:
+        read_checkpoint(text)
+    assert "weights_only" not in str(info.value)
 
 
 def test_bad_files_name_the_file(tmp_path):
@@ -83,8 +104,9 @@ def test_bad_files_name_the_file(tmp_path):
     garbage.write_bytes(os.urandom(1000))
     with pytest.raises(ValueError, match="garbage.pth"):
         read_checkpoint(garbage)
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
+    with pytest.raises(FileNotFoundError, match="missing.pth") as info:
         read_checkpoint(tmp_path / "missing.pth")
+    assert isinstance(info.value, VprkitError)
     with pytest.raises(ValueError, match="no state dict found"):
         extract_state_dict({"epoch": 1, "note": "x"}, "odd.pth")
 

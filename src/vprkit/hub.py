@@ -1,10 +1,14 @@
 """Official weight files: where they live, a resumable checksummed downloader, and the
-`vprkit weights list | download NAME | verify FILE` command.
+`vprkit weights list | download NAME | verify FILE | pin FILE [NAME]` command.
 
-Files are cached in `<VPRKIT_HOME>/weights/<filename>` (default `~/.cache/vprkit`). A download
-goes to `<filename>.part` and is renamed only once its length and checksum are right, so the
-final name never holds a half-written file; an interrupted `.part` is resumed with an HTTP
-Range request on the next try.
+Files are cached in `<VPRKIT_HOME>/weights/<filename>` (VPRKIT_HOME defaults to
+`~/.cache/vprkit`). A download goes to `<filename>.part` and is renamed only once its length
+and checksum are right, so the final name never holds a half-written file; an interrupted
+`.part` is resumed with an HTTP Range request on the next try.
+
+Checksums come from the table below and from the user's pins,
+`<VPRKIT_HOME>/pinned_sha256.txt` (`sha256sum` format, written by `vprkit weights pin`), which
+`verify`, `fetch` and `download` honour: a file with no known checksum is never "verified".
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from vprkit.atomic import atomic_path
+from vprkit.errors import VprkitError
+
 __all__ = [
     "OFFICIAL_WEIGHTS",
     "ChecksumError",
@@ -32,6 +39,9 @@ __all__ = [
     "add_arguments",
     "download",
     "fetch",
+    "pin",
+    "pinned_checksums",
+    "pins_file",
     "resolve_weights",
     "run",
     "sha256_file",
@@ -149,7 +159,7 @@ def _build_table() -> dict[str, WeightsEntry]:
 OFFICIAL_WEIGHTS: dict[str, WeightsEntry] = _build_table()
 
 
-class ChecksumError(ValueError):
+class ChecksumError(VprkitError):
     """A file's sha256 does not match the expected one."""
 
     def __init__(self, path: str | Path, expected: str, actual: str) -> None:
@@ -160,12 +170,16 @@ class ChecksumError(ValueError):
         )
 
 
-class DownloadError(OSError):
+class DownloadError(VprkitError, OSError):
     """A download failed or was cut short; a kept `.part` file is resumed on the next try."""
 
 
-class ManualDownloadRequired(FileNotFoundError):
+class ManualDownloadRequired(VprkitError, FileNotFoundError):
     """An official file that cannot be downloaded automatically is not in the cache."""
+
+
+class ChecksumFileNotFoundError(VprkitError, FileNotFoundError):
+    """`verify` or `pin` of a path that names no file."""
 
 
 def vprkit_home() -> Path:
@@ -183,9 +197,80 @@ def _entry(name: str) -> WeightsEntry:
     try:
         return OFFICIAL_WEIGHTS[name]
     except KeyError:
-        raise ValueError(
+        raise VprkitError(
             f"unknown weights name {name!r}; known names: {', '.join(OFFICIAL_WEIGHTS)}"
         ) from None
+
+
+# ---------------------------------------------------------------------------------------
+# Pinned checksums: `<VPRKIT_HOME>/pinned_sha256.txt`, one `<sha256>  <name>` per line
+
+
+def pins_file() -> Path:
+    """Where `vprkit weights pin` records checksums: `<vprkit_home()>/pinned_sha256.txt`."""
+    return vprkit_home() / "pinned_sha256.txt"
+
+
+_PIN_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")  # sha256sum's text and binary marks
+
+
+def pinned_checksums() -> dict[str, str]:
+    """The pinned sha256 per name (an official name or a file name); empty without pins."""
+    path = pins_file()
+    if not path.is_file():
+        return {}
+    pins = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = _PIN_LINE.fullmatch(line.rstrip())
+        if match is None:
+            raise VprkitError(
+                f"{path}, line {number}: expected `<64 hex digits>  <name>` (sha256sum "
+                f"format), got {line!r}"
+            )
+        pins[match[2]] = match[1].lower()
+    return pins
+
+
+def _default_pin_name(path: Path) -> str:
+    entry = next((e for e in OFFICIAL_WEIGHTS.values() if e.filename == path.name), None)
+    return entry.name if entry else path.name
+
+
+def pin(path: str | Path, name: str | None = None) -> tuple[str, str]:
+    """Record `path`'s sha256 under `name` (default: the official name whose file name it
+    has, else its file name) in `pins_file()`, replacing an older pin of that name. Refused
+    when the file fails a checksum already known for that name. Returns (name, sha256)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ChecksumFileNotFoundError(f"no such file: {path}")
+    name = (name or _default_pin_name(path)).strip()
+    if not name or "\n" in name:
+        raise VprkitError(f"invalid pin name {name!r}")
+    actual = sha256_file(path)
+    entry = OFFICIAL_WEIGHTS.get(name)
+    if entry is not None and entry.checksum and not actual.startswith(entry.checksum):
+        raise ChecksumError(path, entry.checksum, actual)
+    pins = {**pinned_checksums(), name: actual}
+    target = pins_file()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        tmp.write_text("".join(f"{sha}  {key}\n" for key, sha in pins.items()))
+    return name, actual
+
+
+def _expected(name: str | None) -> list[tuple[str, str]]:
+    """Every checksum known for `name`: (hex, where it comes from); the table's, then a pin."""
+    known = []
+    entry = OFFICIAL_WEIGHTS.get(name) if name else None
+    if entry is not None and entry.checksum:
+        kind = "sha256" if entry.sha256 else "sha256 prefix"
+        known.append((entry.checksum, f"the official {kind} of {name!r}"))
+    pinned = pinned_checksums().get(name) if name else None
+    if pinned:
+        known.append((pinned, f"the pin of {name!r} in {pins_file()}"))
+    return known
 
 
 def _normalize_hash(value: str, what: str, allow_prefix: bool) -> str:
@@ -193,7 +278,7 @@ def _normalize_hash(value: str, what: str, allow_prefix: bool) -> str:
     shortest = 8 if allow_prefix else 64
     if not re.fullmatch(r"[0-9a-f]+", value) or not shortest <= len(value) <= 64:
         need = "8 to 64 hex digits" if allow_prefix else "64 hex digits"
-        raise ValueError(f"invalid {what} {value!r}: expected {need}")
+        raise VprkitError(f"invalid {what} {value!r}: expected {need}")
     return value
 
 
@@ -401,12 +486,20 @@ def fetch(name: str, dest_dir: str | Path | None = None, progress: bool = True) 
     entry = _entry(name)
     path = Path(dest_dir) if dest_dir is not None else weights_dir()
     path = path.expanduser() / entry.filename
+    known = _expected(name)
+    pinned = pinned_checksums().get(name)
+    if entry.sha256 and pinned and pinned != entry.sha256:
+        raise VprkitError(
+            f"the pin of {name!r} in {pins_file()} ({pinned}) differs from its official "
+            f"sha256 ({entry.sha256}); remove that line"
+        )
     if path.is_file():
-        expected = entry.checksum
-        if expected is None or sha256_file(path).startswith(expected):
+        actual = sha256_file(path) if known else None
+        failed = next(((hex_, _) for hex_, _ in known if not actual.startswith(hex_)), None)
+        if failed is None:
             return path
         if entry.url is None:
-            raise ChecksumError(path, expected, sha256_file(path))
+            raise ChecksumError(path, failed[0], actual)
         print(f"vprkit: {path} fails its checksum, downloading it again", file=sys.stderr)
     if entry.url is None:
         raise ManualDownloadRequired(
@@ -415,7 +508,11 @@ def fetch(name: str, dest_dir: str | Path | None = None, progress: bool = True) 
             f"the name {entry.name!r}"
         )
     return download(
-        entry.url, path, sha256=entry.sha256, sha256_prefix=entry.sha256_prefix, progress=progress
+        entry.url,
+        path,
+        sha256=entry.sha256 or pinned,
+        sha256_prefix=entry.sha256_prefix,
+        progress=progress,
     )
 
 
@@ -428,11 +525,15 @@ def resolve_weights(name_or_path: str | Path) -> Path:
     if isinstance(name_or_path, str) and name_or_path in OFFICIAL_WEIGHTS:
         return fetch(name_or_path)
     if path.is_dir():
-        raise ValueError(f"weights {str(name_or_path)!r} is a directory, not a weight file")
-    raise ValueError(
+        raise VprkitError(f"weights {str(name_or_path)!r} is a directory, not a weight file")
+    raise VprkitError(
         f"weights {str(name_or_path)!r} is neither an existing file nor a known name; "
         f"known names: {', '.join(OFFICIAL_WEIGHTS)}"
     )
+
+
+# `vprkit weights verify` exit statuses (also in its --help).
+EXIT_VERIFIED, EXIT_FAILED, EXIT_UNKNOWN = 0, 1, 3
 
 
 @dataclass(frozen=True)
@@ -444,45 +545,59 @@ class VerifyResult:
     actual: str
     expected: str | None = None
     source: str | None = None
+    name: str | None = None  # the name its checksum was looked up under
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
 
+    @property
+    def exit_status(self) -> int:
+        return {"ok": EXIT_VERIFIED, "mismatch": EXIT_FAILED}.get(self.status, EXIT_UNKNOWN)
+
     def message(self) -> str:
         if self.status == "ok":
-            return f"ok: {self.path} matches the sha256 of {self.source} ({self.expected})"
+            return f"ok: {self.path} matches {self.source} ({self.expected})"
         if self.status == "mismatch":
             return (
                 f"mismatch: {self.path} has sha256 {self.actual}, but {self.source} "
-                f"expects {self.expected}"
+                f"is {self.expected}"
             )
-        where = f" for {self.source}" if self.source else ""
-        return f"no known checksum{where}: {self.path} has sha256 {self.actual}"
+        named = f" {self.name}" if self.name and self.name != self.path.name else ""
+        return (
+            f"no known checksum for {self.name or self.path.name!r}: {self.path} has sha256 "
+            f"{self.actual}; once you trust it, `vprkit weights pin {self.path}{named}` "
+            "records it"
+        )
 
 
 def verify(path: str | Path, name: str | None = None, sha256: str | None = None) -> VerifyResult:
-    """Check a file against `sha256` (full or a prefix of 8+ hex digits), or against the table
-    entry `name`, or against the entry with the same file name."""
+    """Check a file against `sha256` (full or a prefix of 8+ hex digits), or against every
+    checksum known for `name` (the table's and a pin; default: the official name with the
+    file's file name, else the file name). Never "ok" without a checksum to compare."""
     path = Path(path).expanduser()
     if name is not None and sha256 is not None:
-        raise ValueError("give either a weights name or a sha256 to verify against, not both")
+        raise VprkitError("give either a weights name or a sha256 to verify against, not both")
     if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+        raise ChecksumFileNotFoundError(f"no such file: {path}")
     if sha256 is not None:
-        expected, source = _normalize_hash(sha256, "sha256", allow_prefix=True), "the given hash"
+        known = [(_normalize_hash(sha256, "sha256", allow_prefix=True), "the given hash")]
     else:
-        if name is not None:
-            entry: WeightsEntry | None = _entry(name)
-        else:
-            entry = next((e for e in OFFICIAL_WEIGHTS.values() if e.filename == path.name), None)
-        expected = entry.checksum if entry else None
-        source = f"official weights {entry.name!r}" if entry else None
+        if name is not None and name not in OFFICIAL_WEIGHTS and name not in pinned_checksums():
+            raise VprkitError(
+                f"unknown weights name {name!r}: neither official ({', '.join(OFFICIAL_WEIGHTS)}) "
+                f"nor pinned in {pins_file()}"
+            )
+        name = name or _default_pin_name(path)
+        known = _expected(name)
     actual = sha256_file(path)
-    if expected is None:
-        return VerifyResult(path, "no known checksum", actual, None, source)
-    status = "ok" if actual.startswith(expected) else "mismatch"
-    return VerifyResult(path, status, actual, expected, source)
+    if not known:
+        return VerifyResult(path, "no known checksum", actual, None, None, name)
+    for expected, source in known:
+        if not actual.startswith(expected):
+            return VerifyResult(path, "mismatch", actual, expected, source, name)
+    expected = max((e for e, _ in known), key=len)
+    return VerifyResult(path, "ok", actual, expected, " and ".join(s for _, s in known), name)
 
 
 # ---------------------------------------------------------------------------------------
@@ -490,7 +605,7 @@ def verify(path: str | Path, name: str | None = None, sha256: str | None = None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the `list`, `download` and `verify` sub-commands to the `weights` verb."""
+    """Add the `list`, `download`, `verify` and `pin` sub-commands to the `weights` verb."""
     fmt = argparse.ArgumentDefaultsHelpFormatter
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
@@ -515,7 +630,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     p = sub.add_parser(
         "verify",
-        help="check a file's sha256 against the official one or a given hash",
+        help="check a file's sha256 against the official one, a pinned one or a given hash",
+        description="Check a file's sha256 against every checksum known for it: the official "
+        "table's and the user's pins (`vprkit weights pin`), or --sha256.",
+        epilog=f"exit status: {EXIT_VERIFIED} verified; {EXIT_FAILED} mismatch or error; "
+        f"{EXIT_UNKNOWN} no known checksum (the file's sha256 is printed: pin it with "
+        "`vprkit weights pin FILE` once you trust it). A script can run `verify && use`.",
         formatter_class=fmt,
     )
     p.add_argument("file", metavar="FILE", help="the weight file to check")
@@ -523,11 +643,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--name",
         default=None,
-        help="official weights name to check against; without it (and without --sha256) "
-        "the file name is looked up in the table",
+        help="official or pinned weights name to check against; without it (and without "
+        "--sha256) the official name with the file's file name, else the file name",
     )
     group.add_argument(
         "--sha256", metavar="HEX", default=None, help="expected sha256, or a prefix of it"
+    )
+    p = sub.add_parser(
+        "pin",
+        help="record a file's sha256 (in $VPRKIT_HOME/pinned_sha256.txt) for verify and "
+        "download to check",
+        description="Record FILE's sha256 under NAME in $VPRKIT_HOME/pinned_sha256.txt "
+        "(sha256sum format; ~/.cache/vprkit/pinned_sha256.txt when VPRKIT_HOME is unset). "
+        "`verify`, `download` and loading by name then require that checksum. Pin only a file "
+        "you trust (e.g. checked against its publisher's checksum).",
+        formatter_class=fmt,
+    )
+    p.add_argument("file", metavar="FILE", help="the weight file to pin")
+    p.add_argument(
+        "name",
+        metavar="NAME",
+        nargs="?",
+        default=None,
+        help="name to pin it under (default: the official name with FILE's file name, else "
+        "FILE's file name)",
     )
 
 
@@ -547,14 +686,25 @@ def models_using(name: str) -> list[str]:
     return [m for m in list_models() if name in model_info(m).weights]
 
 
+def display_path(path: Path) -> str:
+    """`path` with the home folder shown as `~` (as the README and --help write it)."""
+    try:
+        return "~/" + str(path.relative_to(Path.home()))
+    except (ValueError, RuntimeError):  # not under home, or no home folder
+        return str(path)
+
+
 def _list_table() -> str:
     folder = weights_dir()
+    pins = pinned_checksums()
     rows = [("NAME", "FILE", "SIZE", "CACHED", "SHA256", "MODELS", "SOURCE")]
     for e in OFFICIAL_WEIGHTS.values():
         path = folder / e.filename
         cached = path.is_file()
         if e.sha256:
             known = "known"
+        elif e.name in pins:
+            known = "pinned"
         elif e.sha256_prefix:
             known = f"prefix {e.sha256_prefix}"
         else:
@@ -571,13 +721,16 @@ def _list_table() -> str:
         for r in rows
     ]
     manual = sorted({e.manual for e in OFFICIAL_WEIGHTS.values() if e.manual})
-    lines += ["", f"cache: {folder}"]
+    lines += ["", f"cache: {display_path(folder)}"]
+    if pins:
+        lines.append(f"pinned checksums: {display_path(pins_file())}")
     lines += [f"manual: {note}, then save it in the cache" for note in manual]
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `vprkit weights ACTION`; 0 on success, 1 on a failure (message on stderr)."""
+    """Run `vprkit weights ACTION`; 0 on success, 1 on a failure (message on stderr); for
+    `verify`, 3 when no checksum is known for the file (`EXIT_UNKNOWN`)."""
     try:
         if args.action == "list":
             print(_list_table())
@@ -587,11 +740,15 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.action == "verify":
             result = verify(args.file, name=args.name, sha256=args.sha256)
-            if result.ok or result.status == "no known checksum":
+            if result.ok:
                 print(result.message())
-                return 0
-            print(f"vprkit weights: {result.message()}", file=sys.stderr)
-            return 1
+            else:
+                print(f"vprkit weights: {result.message()}", file=sys.stderr)
+            return result.exit_status
+        if args.action == "pin":
+            name, sha256 = pin(args.file, args.name)
+            print(f"pinned {name!r}: sha256 {sha256} in {display_path(pins_file())}")
+            return 0
     except (ValueError, OSError) as exc:
         # Expected failures (bad name, checksum, network, missing file): one line, no trace.
         print(f"vprkit weights: error: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ Nothing is unpickled beyond tensors, containers and the few NumPy types those ch
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,21 @@ import torch
 from torch import nn
 
 from vprkit.atomic import atomic_path
+from vprkit.errors import VprkitError
 
 VPRKIT_FORMAT_VERSION = 1
 
 
-class WeightsMismatchError(RuntimeError):
+class WeightsFileError(VprkitError):
+    """A weights file that cannot be used: empty, not a torch file, or refused (it holds
+    pickled objects beyond tensors, containers and NumPy arrays)."""
+
+
+class WeightsFileNotFoundError(VprkitError, FileNotFoundError):
+    """A weights file path that names no file."""
+
+
+class WeightsMismatchError(VprkitError, RuntimeError):
     """A weight file does not fit the model: lists missing, unexpected and misshaped keys."""
 
     def __init__(
@@ -72,28 +83,58 @@ def _numpy_safe_globals() -> list:
     return allowed
 
 
+# torch's refusal names the global as "GLOBAL module.name"; os.system pickles as posix.system.
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_OS_MODULES = ("posix.", "nt.")
+
+
 def read_checkpoint(path: str | Path) -> Any:
-    """`torch.load` without executing arbitrary pickled code; clear errors naming the file."""
+    """`torch.load` without executing arbitrary pickled code; clear errors naming the file
+    (and, for a refused file, the global it tried to load)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise WeightsFileNotFoundError(f"weights file not found: {path}")
     if path.stat().st_size == 0:
-        raise ValueError(f"{path}: the weights file is empty (zero bytes)")
+        raise WeightsFileError(f"{path}: the weights file is empty (zero bytes)")
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types; all mean "not a usable file"
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(
-            f"{path}: cannot read it as a weights file ({message}). vprkit loads only tensors, "
-            f"containers and NumPy arrays/scalars, never arbitrary pickled objects."
-        ) from err
+        raise WeightsFileError(_unreadable(path, err)) from None
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """Why torch could not load `path`, without torch's advice to retry with
+    weights_only=False (which would run whatever the file holds)."""
+    message = str(err)
+    refused = _REFUSED_GLOBAL.search(message)
+    if refused:
+        name = refused[1]
+        if name.startswith(_OS_MODULES):
+            name = "os." + name.split(".", 1)[1]
+        return (
+            f"refusing to load {name!r} from {path}: weights files may hold only tensors, "
+            "containers and NumPy arrays; the file is malformed or malicious"
+        )
+    if "weights_only" in message:
+        # Keep the unpickler's own reason (e.g. "Unsupported operand 62"), not the advice.
+        reason = message.partition("WeightsUnpickler error:")[2].strip().splitlines()
+        reason = reason[0].strip() if reason else "pickled data it does not allow"
+        return (
+            f"refusing to load {path} ({reason}): weights files may hold only tensors, "
+            "containers and NumPy arrays; the file is malformed or malicious"
+        )
+    first = message.strip().splitlines()[0] if message.strip() else ""
+    return (
+        f"{path}: cannot read it as a weights file ({type(err).__name__}: {first}); "
+        "is it a torch .pth file?"
+    )
 
 
 def extract_state_dict(checkpoint: Any, source: str = "checkpoint") -> tuple[dict, str]:
     """The state dict inside any supported file layout, and the layout's name."""
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{source}: expected a dict, got {type(checkpoint).__name__}")
+        raise WeightsFileError(f"{source}: expected a dict, got {type(checkpoint).__name__}")
     if "vprkit" in checkpoint and "state_dict" in checkpoint:
         state, layout = checkpoint["state_dict"], "vprkit"
     elif "model_state_dict" in checkpoint:
@@ -104,12 +145,12 @@ def extract_state_dict(checkpoint: Any, source: str = "checkpoint") -> tuple[dic
         state, layout = checkpoint, "state dict"
     else:
         keys = ", ".join(map(str, list(checkpoint)[:10]))
-        raise ValueError(
+        raise WeightsFileError(
             f"{source}: no state dict found (top-level keys: {keys}); expected a plain state "
             f"dict or one under 'model_state_dict', 'model' or 'state_dict'"
         )
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{source}: the state dict holds non-tensor values")
+        raise WeightsFileError(f"{source}: the state dict holds non-tensor values")
     # DataParallel-trained files prefix every key with `module.`.
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
@@ -157,7 +198,7 @@ def _check_vprkit_origin(model: nn.Module, info: dict, source: str) -> None:
     saved = info.get("model_name")
     current = getattr(model, "vprkit_name", None)
     if saved and current and saved != current:
-        raise ValueError(f"{source} holds a {saved!r} model, not {current!r}")
+        raise WeightsFileError(f"{source} holds a {saved!r} model, not {current!r}")
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, **extra: Any) -> Path:
