@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+from vprkit import demo
 from vprkit.cli import main
 
 # Trained R@1 minus untrained R@1 (points) on the ci test streets: the smallest gain seen
@@ -23,7 +24,8 @@ ROW = r"-?\d+\.\d"
 def test_demo_ci_learns_and_leaves_its_run_folder(tmp_path: Path, capsys) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--scale", "ci"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
 
     summary = json.loads((out / "demo_summary.json").read_text())
     results = summary["results"]
@@ -33,13 +35,17 @@ def test_demo_ci_learns_and_leaves_its_run_folder(tmp_path: Path, capsys) -> Non
     assert trained["R@1"] >= untrained["R@1"] + MIN_GAIN_R1, results
     assert 0.0 <= results["raw_pixels"]["recalls"]["R@1"] <= 100.0
 
-    # The run folder: the synthetic city, both evaluation runs, the training run, pictures.
+    # The run folder: the synthetic city, both evaluation runs with their prediction
+    # pictures and a log of the evaluation (not of the demo's command), the training run.
     assert (out / "data" / "meta.json").is_file()
     for name in ("untrained", "trained"):
         run_dir = Path(results[name]["run_dir"])
         assert run_dir.is_dir() and run_dir.parent == out / name
-    preds = sorted((Path(results["trained"]["run_dir"]) / "preds").glob("*.jpg"))
-    assert preds, "no prediction pictures"
+        assert sorted((run_dir / "preds").glob("*.jpg")), f"no prediction pictures ({name})"
+        log = (run_dir / "log.txt").read_text()
+        assert f"vprkit eval: vprkit demo: evaluation of the {name} cricavpr on" in log
+        saved = json.loads((run_dir / "config.json").read_text())
+        assert saved["seed"] == 0 and saved["dataset_folder"].endswith("synthetic")
     assert (Path(summary["training_run"]) / "best.pth").is_file()
     assert [h["epoch"] for h in summary["validation_history"]] == list(
         range(len(summary["validation_history"]))
@@ -51,3 +57,14 @@ def test_demo_ci_learns_and_leaves_its_run_folder(tmp_path: Path, capsys) -> Non
         assert re.search(rf"^  {name} +R@1: {ROW}, R@5: {ROW}, R@10: {ROW}$", printed, re.M)
     assert f"R@1: {trained['R@1']:.1f}" in printed
     assert re.search(r"^time: .*, total \d+ s$", printed, re.M)
+
+    # The training bar says which epoch of how many, and the time left overall.
+    bar = captured.err
+    assert "epoch 1 of 4" in bar and "epoch 4 of 4" in bar, bar[-2000:]
+    assert re.search(r"left=(\d+m)?\d+s", bar), bar[-2000:]
+
+    # The untrained network's initialization is seeded: its figures come out again.
+    vg = out / "data" / "vg" / "synthetic"
+    method = demo.DEMO_METHODS[summary["method"]]
+    again = demo.evaluate_model(method, vg, None, tmp_path / "again", "untrained", 112, 2)
+    assert again["recalls"] == untrained

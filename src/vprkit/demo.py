@@ -2,7 +2,8 @@
 
 1. render a synthetic city (GSV-Cities training places, VG val/test streets never seen in
    training);
-2. score raw-pixel matching and the untrained network on the test streets;
+2. score raw-pixel matching and the untrained network (its initialization seeded by
+   `--seed`) on the test streets, with prediction pictures;
 3. train the network from scratch with a method's real training recipe, validating on the
    val streets;
 4. evaluate the best checkpoint on the test streets, with prediction pictures;
@@ -78,6 +79,7 @@ DEMO_METHODS = {
 DEFAULT_METHOD = "cricavpr"
 
 RECALL_VALUES = (1, 5, 10)
+PREDS_PER_QUERY = 3  # prediction pictures: each query with its first 3 predictions
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +94,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image_size", type=int, default=112, help="square image side, a multiple of 14"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the synthetic city, the untrained network's initialization and training",
+    )
     parser.add_argument("--num_workers", type=int, default=2)
 
 
@@ -128,25 +135,40 @@ def evaluate_model(
     out: Path,
     name: str,
     image_size: int,
-    preds_per_query: int,
     num_workers: int,
+    seed: int = 0,
 ) -> dict:
-    """`vprkit eval`'s pipeline on the test streets; the recalls and the run folder."""
+    """`vprkit eval`'s pipeline on the test streets, with prediction pictures; the recalls
+    and the run folder. The model's initialization is seeded: without weights, that is the
+    whole model, so the untrained figures can be reproduced."""
+    import torch
+
     from vprkit.data.formats import open_dataset
     from vprkit.models.registry import create_model
     from vprkit.pipeline import EvalConfig, evaluate
 
     options = model_options(method, image_size)
-    model = create_model(method["model"], weights=weights, **options)
+    with torch.random.fork_rng(devices=[]):  # seeded here without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = create_model(method["model"], weights=weights, **options)
     config = EvalConfig(
         recall_values=RECALL_VALUES,
         image_size=(image_size, image_size),
         num_workers=num_workers,
         save_dir=out,
         run_name=name,
-        num_preds_to_save=preds_per_query,
+        num_preds_to_save=PREDS_PER_QUERY,
     )
-    result = evaluate(model, open_dataset(dataset), config, weights=weights)
+    # The run's log and config.json record this evaluation, as `vprkit eval` flags would.
+    record = {
+        "_command": f"vprkit demo: evaluation of the {name} {method['model']} on {dataset}",
+        "method": method["model"],
+        "model_option": options,
+        "weights": str(weights) if weights else None,
+        "dataset_folder": str(dataset),
+        "seed": seed,
+    }
+    result = evaluate(model, open_dataset(dataset), config, weights=weights, record=record)
     return {
         "recalls": {f"R@{n}": v for n, v in result.recalls.items()},
         "run_dir": str(result.run_dir),
@@ -188,7 +210,10 @@ def format_results(results: dict, times: dict, dataset_name: str) -> str:
         + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in times.items())
         + f", total {sum(times.values()):.0f} s"
     )
-    lines.append(f"prediction pictures: {results['trained']['run_dir']}/preds")
+    lines.append(
+        f"prediction pictures: {results['untrained']['run_dir']}/preds, "
+        f"{results['trained']['run_dir']}/preds"
+    )
     return "\n".join(lines)
 
 
@@ -216,7 +241,7 @@ def demo(
     start = time.perf_counter()
     results = {"raw_pixels": {"recalls": {"R@1": 100 * raw_pixel_recall(vg / "images" / "test")}}}
     results["untrained"] = evaluate_model(
-        method, vg, None, out, "untrained", image_size, 0, num_workers
+        method, vg, None, out, "untrained", image_size, num_workers, seed
     )
     times["baselines_s"] = time.perf_counter() - start
 
@@ -228,7 +253,7 @@ def demo(
     print("4/4 evaluating the trained network on the unseen test streets ...")
     start = time.perf_counter()
     results["trained"] = evaluate_model(
-        method, vg, run_dir / "best.pth", out, "trained", image_size, 3, num_workers
+        method, vg, run_dir / "best.pth", out, "trained", image_size, num_workers, seed
     )
     times["evaluation_s"] = time.perf_counter() - start
 
