@@ -4,6 +4,11 @@ photos (corridor, gardenspoint10) and on a synthetic city, with and without re-r
 
 To re-record after an intended change: `VPRKIT_RECORD_GOLDEN=1 pytest tests/test_eval_golden.py
 -s` prints the new table.
+
+Re-recorded since: `predictions_csv` of every case (its lists became JSON arrays, so names
+with `;` read back), and `corridor_selavpr_mnn`'s R@5 and pairs (equal mutual-NN counts now in
+SelaVPR's official order). `corridor_selavpr_mnn_stable` keeps the figures recorded before
+(stable tie order): the same recalls and pairs.
 """
 
 from __future__ import annotations
@@ -21,13 +26,15 @@ from vprkit.cli import main as cli_main
 
 COMMON = ["--num_workers", "0", "--recall_values", "1", "5", "10"]
 
-# name -> (dataset, model arguments)
+# name -> (dataset, model arguments); random weights (`torch.manual_seed(0)` first), as recorded
 CASES = {
     "corridor_dinov2_gem": (
         "corridor",
         [
             "--method",
             "dinov2_gem",
+            "--weights",
+            "random",
             "--model_option",
             "size=vits14",
             "--model_option",
@@ -42,6 +49,8 @@ CASES = {
         [
             "--method",
             "selavpr",
+            "--weights",
+            "random",
             "--model_option",
             "backbone=dinov2_vits14",
             "--model_option",
@@ -53,11 +62,34 @@ CASES = {
             "10",
         ],
     ),
+    # The order vprkit used for equal counts before the official one became SelaVPR's default.
+    "corridor_selavpr_mnn_stable": (
+        "corridor",
+        [
+            "--method",
+            "selavpr",
+            "--weights",
+            "random",
+            "--model_option",
+            "backbone=dinov2_vits14",
+            "--model_option",
+            "depth=1",
+            "--image_size",
+            "56",
+            "56",
+            "--rerank_num",
+            "10",
+            "--tie_order",
+            "stable",
+        ],
+    ),
     "gardenspoint_cricavpr": (
         "gardenspoint10",
         [
             "--method",
             "cricavpr",
+            "--weights",
+            "random",
             "--model_option",
             "embed_dim=64",
             "--model_option",
@@ -76,6 +108,8 @@ CASES = {
         [
             "--method",
             "r2former",
+            "--weights",
+            "random",
             "--model_option",
             "depth=1",
             "--model_option",
@@ -98,6 +132,8 @@ CASES = {
         [
             "--method",
             "selavpr",
+            "--weights",
+            "random",
             "--model_option",
             "backbone=dinov2_vits14",
             "--model_option",
@@ -122,39 +158,51 @@ RECORDED: dict[str, dict] = {
             "R@10": 66.66666666666666,
         },
         "recalls_global": None,
-        "predictions_csv": "f484db9f8c8c8330",
+        "predictions_csv": "079bfc96807492ca",
         "pairs": "2830068a6fc8e029",
         "database_descriptors": "1f1500d3ab3b0c86",
     },
     "corridor_selavpr_mnn": {
+        "recalls": {"R@1": 36.93693693693694, "R@5": 60.36036036036037, "R@10": 66.66666666666666},
+        "recalls_global": {
+            "R@1": 24.324324324324326,
+            "R@5": 53.153153153153156,
+            "R@10": 66.66666666666666,
+        },
+        "predictions_csv": "bc2cfa3e33051c01",
+        "pairs": "16e38cbe3e63ecff",
+        "database_descriptors": "53ca61363e2945df",
+    },
+    # The figures recorded before with the stable order (predictions_csv: the JSON lists).
+    "corridor_selavpr_mnn_stable": {
         "recalls": {"R@1": 36.93693693693694, "R@5": 58.55855855855856, "R@10": 66.66666666666666},
         "recalls_global": {
             "R@1": 24.324324324324326,
             "R@5": 53.153153153153156,
             "R@10": 66.66666666666666,
         },
-        "predictions_csv": "61f16347364c2770",
+        "predictions_csv": "4454a78fec11fabe",
         "pairs": "923fd4d265d22de4",
         "database_descriptors": "53ca61363e2945df",
     },
     "gardenspoint_cricavpr": {
         "recalls": {"R@1": 20.0, "R@5": 70.0, "R@10": 100.0},
         "recalls_global": None,
-        "predictions_csv": "e64bb4bdba99ba26",
+        "predictions_csv": "c3e97573d74d1f74",
         "pairs": "fb97b6e878cfc13a",
         "database_descriptors": "fdda82cb97fbbfc4",
     },
     "synthetic_r2former": {
         "recalls": {"R@1": 37.5, "R@5": 68.75, "R@10": 93.75},
         "recalls_global": {"R@1": 31.25, "R@5": 68.75, "R@10": 93.75},
-        "predictions_csv": "186002682ecdde3a",
+        "predictions_csv": "dbcc93b3dd1fc007",
         "pairs": "f3dc1cbbcfb6f369",
         "database_descriptors": "b280929c181a6874",
     },
     "synthetic_selavpr_ransac": {
         "recalls": {"R@1": 43.75, "R@5": 75.0, "R@10": 81.25},
         "recalls_global": {"R@1": 25.0, "R@5": 75.0, "R@10": 81.25},
-        "predictions_csv": "588dc6dbc1f74e48",
+        "predictions_csv": "5afa9cf6ac0a7f19",
         "pairs": "9eea8bc35dc7d193",
         "database_descriptors": "b420dd2e56b691b3",
     },

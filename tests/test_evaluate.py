@@ -82,8 +82,8 @@ def test_known_answer_and_every_output(tmp_path, capsys):
     assert summary["num_database"] == 8 and summary["descriptor_dim"] == 3
     rows = list(csv.DictReader(open(run / "predictions.csv")))
     assert [r["correct_at_1"] for r in rows] == ["True"] * 7 + ["False"]
-    assert rows[0]["predictions"].split(";")[0] == rows[0]["query"].replace("queries", "database")
-    assert rows[7]["positives"] == "" and rows[7]["first_correct_rank"] == ""
+    assert json.loads(rows[0]["predictions"])[0] == rows[0]["query"].replace("queries", "database")
+    assert rows[7]["positives"] == "[]" and rows[7]["first_correct_rank"] == ""
     pairs = (run / "pairs.txt").read_text().splitlines()
     assert len(pairs) == 8 * 5 and pairs[0].split()[0] == rows[0]["query"]
     descriptors = np.load(run / "queries_descriptors.npy")
@@ -254,7 +254,7 @@ def test_pca_is_fitted_saved_and_searched_unnormalized(tmp_path):
     rows = list(csv.DictReader(open(run / "predictions.csv")))
     db_names = sorted(p.name for p in database.iterdir())
     for row, exp in zip(rows, expected, strict=True):
-        got = [name.split("/")[-1] for name in row["predictions"].split(";")]
+        got = [name.split("/")[-1] for name in json.loads(row["predictions"])]
         assert got == [db_names[j] for j in exp]
 
 

@@ -112,6 +112,7 @@ def read_dataset(args: argparse.Namespace) -> PlaceDataset:
             msls_cities=args.msls_cities,
             msls_subtask=args.msls_subtask,
             msls_val_split=args.msls_val_split,
+            positive_dist_threshold=args.positive_dist_threshold,
         )
         if args.ground_truth is not None:
             options["ground_truth"] = args.ground_truth

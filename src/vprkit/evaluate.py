@@ -47,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     rerank.add_argument("--reranker", choices=list_rerankers(), help="default: the method's own")
     rerank.add_argument(
+        "--tie_order",
+        "--tie-order",
+        choices=["official", "stable"],
+        help="order of equal re-rank scores: official (SelaVPR's np.argsort(counts)[::-1]) or "
+        "stable (global order); default: the method's (SelaVPR: official, others: stable)",
+    )
+    rerank.add_argument(
         "--local_features_cache",
         "--local-features-cache",
         "--features_dir",
@@ -88,6 +95,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         memory_budget_mb=args.memory_budget_mb,
         rerank_num=args.rerank_num,
         reranker=args.reranker,
+        tie_order=args.tie_order,
         features_dir=args.local_features_cache,
         local_features_fp16=args.local_features_fp16,
         rerank_memory_mb=args.rerank_memory_mb,

@@ -2,7 +2,10 @@
 
 Images are read in the given (sorted) order by a non-shuffled loader in batches of
 `batch_size`, the last one smaller: the protocol the official evaluations use, which matters
-for models whose descriptors depend on the batch (CricaVPR).
+for models whose descriptors depend on the batch (CricaVPR). Images that come out of the
+preprocessing in different shapes (one `image_size` for photos of mixed aspect ratios) cannot
+share a batch: each batch then holds images of one shape, in input order, and the rows of the
+result stay in input order. With a fixed input size the batches are exactly as above.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vprkit.atomic import atomic_path, save_npy
-from vprkit.data.images import ImageListDataset, Preprocess
+from vprkit.data.images import ImageListDataset, Preprocess, input_hw
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -36,6 +39,20 @@ def autocast_context(device: str, precision: str):
 def computes_local(model: nn.Module) -> bool:
     """Whether `model.forward` takes `local=` (computing local features is optional)."""
     return "local" in inspect.signature(model.forward).parameters
+
+
+def same_shape_batches(shapes: Sequence, batch_size: int) -> list[list[int]]:
+    """Indices in batches of `batch_size` images of one shape each, in input order: a batch is
+    emitted when it is full, and the partial ones at the end, by their first image. With one
+    shape these are the plain consecutive batches."""
+    batches: list[list[int]] = []
+    open_batches: dict = {}
+    for i, shape in enumerate(shapes):
+        batch = open_batches.setdefault(shape, [])
+        batch.append(i)
+        if len(batch) == batch_size:
+            batches.append(open_batches.pop(shape))
+    return batches + sorted(open_batches.values())
 
 
 @torch.no_grad()
@@ -58,10 +75,13 @@ def extract_global_descriptors(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if isinstance(preprocess, Preprocess) and preprocess.fixed_hw is None:
+        shapes: Sequence = [input_hw(p, preprocess) for p in paths]
+    else:  # one shape (or a custom transform, taken to give one): consecutive batches
+        shapes = [None] * len(paths)
     loader = torch.utils.data.DataLoader(
         ImageListDataset(paths, preprocess),
-        batch_size=batch_size,
-        shuffle=False,
+        batch_sampler=same_shape_batches(shapes, batch_size),
         num_workers=num_workers,
     )
     model.eval().to(device)

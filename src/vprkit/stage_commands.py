@@ -186,6 +186,13 @@ def add_rerank_arguments(parser: argparse.ArgumentParser) -> None:
         "--rerank_num", "--rerank-num", type=int, help="default: the method's (100)"
     )
     parser.add_argument(
+        "--tie_order",
+        "--tie-order",
+        choices=["official", "stable"],
+        help="order of equal scores: official (SelaVPR's np.argsort(counts)[::-1]) or stable "
+        "(global order); default: the method's (SelaVPR: official, others: stable)",
+    )
+    parser.add_argument(
         "--weights",
         help="the model's weights, for re-rankers inside the model (R2Former); default: "
         "those the features were extracted with",
@@ -237,6 +244,7 @@ def run_rerank(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.rerank_precision,
         memory_budget_bytes=budget,
+        tie_order=args.tie_order,
     )
     if args.pairs:
         write_pairs(args.pairs, reranked)

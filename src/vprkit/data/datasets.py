@@ -20,6 +20,7 @@ restricted unpickler that can rebuild NumPy arrays and nothing else.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from collections.abc import Iterable, Sequence
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 from numpy.lib import format as npy_format
+from PIL import features as _pil_features
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -44,7 +46,12 @@ __all__ = [
     "read_vprbench",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# Every format Pillow reads here that photos come in; WebP only when Pillow was built with it.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif") + (
+    (".webp",) if _pil_features.check("webp") else ()
+)
+_SHOWN_NAMES = 5
+logger = logging.getLogger(__name__)
 _CHECK_MODES = ("sample", "all")
 _SAMPLE_CHECKS = 32
 
@@ -341,16 +348,85 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _raise(error: OSError) -> None:
-    raise error
+def _dir_key(path: str) -> tuple[int, int]:
+    info = os.stat(path)  # follows links: the folder itself, whatever path reached it
+    return info.st_dev, info.st_ino
+
+
+def _names(paths: list[str], folder: Path) -> str:
+    shown = ", ".join(repr(os.path.relpath(p, folder)) for p in paths[:_SHOWN_NAMES])
+    return shown + (", ..." if len(paths) > _SHOWN_NAMES else "")
 
 
 def _walk_images(folder: Path) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=_raise, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found.extend(os.path.join(dirpath, f) for f in filenames if _is_image_name(f))
-    return found
+    """Image files under ``folder``, following symlinked folders but never a folder twice
+    (a link loop, or two links to one folder) and never one file under two names."""
+    found: list[str] = []
+    others: list[str] = []
+    repeated: list[str] = []
+    seen_dirs = {_dir_key(str(folder))}
+    # Each file's real path, to know a photo reached under two names; only links cost a call.
+    real: dict[str, str] = {}
+    stack = [(str(folder), os.path.realpath(folder))]
+    while stack:
+        dirpath, real_dir = stack.pop()
+        with os.scandir(dirpath) as it:
+            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        subdirs = []
+        for entry in entries:
+            if entry.is_dir():
+                if _dir_key(entry.path) in seen_dirs:
+                    repeated.append(entry.path)
+                else:
+                    seen_dirs.add(_dir_key(entry.path))
+                    subdirs.append((entry.path, os.path.realpath(entry.path)))
+            elif _is_image_name(entry.name):
+                found.append(entry.path)
+                linked = entry.is_symlink()
+                real[entry.path] = (
+                    os.path.realpath(entry.path) if linked else os.path.join(real_dir, entry.name)
+                )
+            else:
+                others.append(entry.path)
+        stack.extend(reversed(subdirs))  # depth first in sorted order: the first name wins
+    if repeated:
+        logger.warning(
+            "%s: %d folder link(s) lead to a folder already listed (a link loop or a second "
+            "link), not walked again: %s",
+            folder,
+            len(repeated),
+            _names(sorted(repeated), folder),
+        )
+    if others:
+        logger.warning(
+            "%s: skipped %d file(s) that are not images (read: %s): %s",
+            folder,
+            len(others),
+            " ".join(IMAGE_EXTENSIONS),
+            _names(sorted(others), folder),
+        )
+    return _first_name_per_file(sorted(found), real, folder)
+
+
+def _first_name_per_file(paths: list[str], real: dict[str, str], folder: Path) -> list[str]:
+    # One photo reached under two names (a symlinked file) is counted once: the first name in
+    # sorted order is kept. Hard links are separate files to the file system and are kept.
+    kept, doubles, seen = [], [], set()
+    for path in paths:
+        if real[path] in seen:
+            doubles.append(path)
+        else:
+            seen.add(real[path])
+            kept.append(path)
+    if doubles:
+        logger.warning(
+            "%s: %d image(s) are links to a file already listed under another name, kept "
+            "once (the first name in sorted order): %s",
+            folder,
+            len(doubles),
+            _names(doubles, folder),
+        )
+    return kept
 
 
 def _check_listed(paths: list[str], listing: Path, check: str) -> None:
@@ -382,7 +458,11 @@ def _check_duplicates(paths: list[str], folder: Path, source: Path | None = None
 
 
 def read_images_paths(folder: str | os.PathLike, check: str = "sample") -> list[Path]:
-    """Absolute, sorted paths of the images (.jpg/.jpeg/.png) anywhere under ``folder``.
+    """Absolute, sorted paths of the images (:data:`IMAGE_EXTENSIONS`) anywhere under ``folder``.
+
+    Symlinked folders are followed, but a folder reached twice (a link loop) is walked once
+    and a file reached under two names is listed once; files with other extensions are
+    skipped with a warning naming them. Hidden files and folders are ignored.
 
     If ``<folder>_images_paths.txt`` exists beside the folder, the list is read from it
     instead of walking the folder (fast for huge folders); its lines are relative to

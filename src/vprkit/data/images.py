@@ -28,6 +28,7 @@ __all__ = [
     "ImageListDataset",
     "ImageLoadError",
     "Preprocess",
+    "input_hw",
     "center_crop",
     "load_batch",
     "load_image",
@@ -270,6 +271,25 @@ class Preprocess:
             raise ValueError(f"{what} must be 3 finite numbers (R, G, B), got {values!r}")
         return out  # type: ignore[return-value]
 
+    @property
+    def fixed_hw(self) -> tuple[int, int] | None:
+        """The output ``(H, W)`` when it does not depend on the image (a crop, or
+        ``image_size=(H, W)``), else None."""
+        if self.crop is not None:
+            return self.crop
+        return self.image_size if isinstance(self.image_size, tuple) else None
+
+    def output_hw(self, width: int, height: int) -> tuple[int, int]:
+        """The ``(H, W)`` of the tensor made from an image of ``width`` x ``height`` pixels,
+        by the same arithmetic as :func:`resize` and :func:`center_crop`."""
+        if self.fixed_hw is not None:
+            return self.fixed_hw
+        if self.image_size is None:
+            return height, width
+        short, long = sorted((width, height))
+        new_long = int(self.image_size * long / short)
+        return (new_long, self.image_size) if width <= height else (self.image_size, new_long)
+
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """Transform one RGB PIL image to a float32 ``(3, H, W)`` tensor."""
         if not isinstance(img, Image.Image):
@@ -311,6 +331,27 @@ class ImageListDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         img = load_image(self.paths[index], exif_transpose=self.exif_transpose)
         return self.preprocess(img), index
+
+
+# EXIF orientations that swap width and height (transpose, rotations by 90 and 270 degrees).
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+def input_hw(path: PathLike, preprocess: Preprocess, *, exif_transpose: bool = True) -> tuple:
+    """The ``(H, W)`` that ``preprocess(load_image(path))`` has, read from the file's header
+    and EXIF orientation without decoding the pixels (PNG aside: Pillow may decode it to find
+    EXIF data at its end). A file that cannot be read gets ``("unreadable", path)``: loading
+    it reports why."""
+    if preprocess.fixed_hw is not None:
+        return preprocess.fixed_hw
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            if exif_transpose and im.getexif().get(0x0112, 1) in _SWAPPING_ORIENTATIONS:
+                width, height = height, width
+    except Exception:  # Pillow raises many types; load_image names the file and the problem.
+        return ("unreadable", str(path))
+    return preprocess.output_hw(width, height)
 
 
 def load_batch(

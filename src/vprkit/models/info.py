@@ -27,6 +27,10 @@ class ModelInfo:
       batch shapes the descriptors (see `describe_protocol`).
     - `reranker`, `rerank_num`: the model's own re-ranker (a `vprkit.rerank` name) and how
       many global candidates it re-sorts by default; None and 0 for global-only models.
+    - `tie_order`: how its own re-ranker orders equal scores: `"stable"` (their global order)
+      or `"official"` (SelaVPR's `np.argsort(scores)[::-1]`, see
+      `vprkit.rerank.descending_order`). Other re-rankers use `"stable"`. See
+      `default_tie_order`.
     - `train_only`: fnmatch patterns of the parameters the official training updates; None
       when every parameter trains.
     - `weights`: official weight names (`vprkit weights list`) made for this model.
@@ -40,6 +44,7 @@ class ModelInfo:
     protocol: Callable[[nn.Module, int], str | None] | None = None
     reranker: str | None = None
     rerank_num: int = 0
+    tie_order: str = "stable"
     train_only: tuple[str, ...] | None = None
     weights: tuple[str, ...] = ()
 
@@ -50,6 +55,8 @@ class ModelInfo:
             raise ValueError(
                 f"reranker and rerank_num go together: got {self.reranker!r} and {self.rerank_num}"
             )
+        if self.tie_order not in ("official", "stable"):
+            raise ValueError(f"tie_order must be 'official' or 'stable', got {self.tie_order!r}")
         # Tuples keep the info hashable and immutable; a list would be a shared mutable.
         for name in ("train_only", "weights"):
             value = getattr(self, name)
@@ -62,6 +69,11 @@ class ModelInfo:
             if dataset_name.lower().startswith(prefix.lower()):
                 return size
         return self.infer_batch_size
+
+    def default_tie_order(self, reranker: str | None) -> str:
+        """The tie order of `reranker` for this model: the declared one for its own
+        re-ranker, the stable order for any other."""
+        return self.tie_order if reranker == self.reranker else "stable"
 
     def describe_protocol(self, model: nn.Module, batch_size: int) -> str | None:
         """A line on how `batch_size` shapes `model`'s descriptors, or None when it does not."""

@@ -39,6 +39,8 @@ INFO = ModelInfo(
     # official `--rerank_num` default; the README says 100 reproduces the paper).
     reranker="mnn",
     rerank_num=100,
+    # Equal counts in the official order, `np.argsort(counts)[::-1]` (test.rerank).
+    tie_order="official",
     # What the official `train.py` trains: the backbone's parameters whose name contains
     # `adapter` (every other backbone parameter is frozen), GeM p and LocalAdapt.
     train_only=("backbone.*adapter*", "aggregation.*", "LocalAdapt.*"),

@@ -28,6 +28,7 @@ class EvalConfig:
     memory_budget_mb: float | None = None  # bound the search's working memory
     rerank_num: int | None = None  # candidates to re-rank; None: the model's; 0: off
     reranker: str | None = None  # None: the model's own
+    tie_order: str | None = None  # equal re-rank scores: official/stable; None: the model's
     features_dir: Path | None = None  # keep features here; reused when made the same way
     local_features_fp16: bool = False
     rerank_memory_mb: float | None = None
@@ -55,6 +56,8 @@ class EvalConfig:
                     f"--{name} must be one of {', '.join(sorted(PRECISIONS))}, "
                     f"got {getattr(self, name)!r}"
                 )
+        if self.tie_order not in (None, "official", "stable"):
+            raise VprkitError(f"--tie_order must be official or stable, got {self.tie_order!r}")
         if self.rerank_num is not None and self.rerank_num < 0:
             raise VprkitError(f"--rerank_num must be 0 (off) or more, got {self.rerank_num}")
 

@@ -65,6 +65,8 @@ def resolve(model: nn.Module, dataset: PlaceDataset, config: EvalConfig) -> Eval
     if resolved.rerank_num and resolved.reranker is None:
         name = getattr(model, "vprkit_name", type(model).__name__)
         raise VprkitError(f"{name} has no re-ranker of its own: choose --reranker")
+    if resolved.rerank_num and resolved.tie_order is None:
+        resolved.tie_order = info.default_tie_order(resolved.reranker)
     return resolved
 
 
@@ -346,12 +348,14 @@ class _RunContext:
                 device=config.device,
                 precision=config.rerank_precision,
                 memory_budget_bytes=budget,
+                tie_order=config.tie_order,
             )
         self.timing["rerank_s"] = timer.seconds
         log.info(
-            "re-ranked the top %d with %s in %.1f s (%.1f ms per query)",
+            "re-ranked the top %d with %s (equal scores: %s order) in %.1f s (%.1f ms per query)",
             reranked.scores.shape[1],
             config.reranker,
+            config.tie_order,
             timer.seconds,
             1000 * timer.seconds / len(queries),
         )
@@ -381,6 +385,9 @@ class _RunContext:
             "descriptor_dim": self.searched_dim,
             "image_size": list(size) if isinstance(size, tuple) else size,
             "infer_batch_size": config.infer_batch_size,
+            "reranker": config.reranker if config.rerank_num else None,
+            "rerank_num": config.rerank_num,
+            "tie_order": config.tie_order if config.rerank_num else None,
             "timing": {
                 "extraction_ms_per_image": 1000 * self.timing["extraction_s"] / num_images,
                 "search_ms_per_query": 1000 * self.timing["search_s"] / num_queries,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import vprkit
-from vprkit.data.images import Preprocess, load_image
+from vprkit.data.images import Preprocess, input_hw, load_image
 from vprkit.errors import VprkitError
 from vprkit.extract import extract_global_descriptors
 from vprkit.pipeline import fingerprint as fp
@@ -132,6 +132,8 @@ def extract(
             wanted["local"] = existing.fingerprint["local"]  # more than asked for: it serves
         fp.check_same(existing.fingerprint, wanted, folder, "features")
         return existing
+    if local:
+        _check_one_shape(paths, preprocess, names)
     if on_compute is not None:
         on_compute()
     staging = None if folder is None else staging_folder(folder)
@@ -158,6 +160,24 @@ def extract(
     if staging is None:
         return features
     return publish(features, staging, folder)
+
+
+def _check_one_shape(paths: list[Path], preprocess: Preprocess, names: list[str]) -> None:
+    """Local features are kept in one array of one shape: refuse images that the
+    preprocessing makes into different shapes, before any forward pass."""
+    if preprocess.fixed_hw is not None:
+        return
+    # An unreadable file is left out here: loading it reports why.
+    shapes = [(input_hw(p, preprocess), n) for p, n in zip(paths, names, strict=True)]
+    readable = [(hw, name) for hw, name in shapes if isinstance(hw[0], int)]
+    for hw, name in readable:
+        if hw != readable[0][0]:
+            (h0, w0), first = readable[0]
+            raise VprkitError(
+                f"local features need one input size, but {first} becomes {h0}x{w0} and "
+                f"{name} {hw[0]}x{hw[1]} (H x W) with image_size={preprocess.image_size}; "
+                "pass --image_size H W (Preprocess(image_size=(H, W)))"
+            )
 
 
 def _compute(

@@ -20,6 +20,12 @@ from vprkit.retrieval.metrics import auc_pr, recall_at_100_precision, recall_at_
 def dataset_positives(dataset: PlaceDataset, radius: float) -> list[np.ndarray] | None:
     """Each query's positives: the dataset's own lists, else the database images within
     `radius` metres; None for an unlabelled set."""
+    read_at = getattr(dataset, "positive_radius", None)  # MSLS: positives made while reading
+    if read_at is not None and read_at != radius:
+        raise VprkitError(
+            f"{dataset.name}'s positives were computed within {read_at:g} m, not {radius:g} m: "
+            f"read it with positive_dist_threshold={radius:g}"
+        )
     if dataset.positives is not None:
         return dataset.positives
     if dataset.query_utm is not None and dataset.database_utm is not None:

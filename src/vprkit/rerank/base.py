@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vprkit.errors import VprkitError
 from vprkit.rerank.local_features import LOCAL_DESC, LOCAL_TOKENS, LocalFeatureCache, feature_kind
 
 ScoreFn = Callable[[int, np.ndarray], np.ndarray]
@@ -119,20 +120,42 @@ def list_rerankers() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def descending_order(scores: np.ndarray | Sequence[float]) -> np.ndarray:
-    """Indices that sort `scores` by descending value; equal scores keep their input (global
-    retrieval) order. SelaVPR's official `test.rerank` uses `np.argsort(counts)[::-1]`,
-    which leaves equal counts to NumPy's unstable sort, reversed; the stable order is the
-    deterministic choice and only differs on ties."""
-    return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+TIE_ORDERS = ("official", "stable")
 
 
-def rerank_by_scores(candidate_ids, scores: np.ndarray | Sequence[float]):
+def check_tie_order(tie_order: str) -> str:
+    if tie_order not in TIE_ORDERS:
+        raise VprkitError(f"tie_order must be one of {', '.join(TIE_ORDERS)}, got {tie_order!r}")
+    return tie_order
+
+
+def descending_order(scores: np.ndarray | Sequence[float], tie_order: str = "stable") -> np.ndarray:
+    """Indices that sort `scores` by descending value. Both orders agree except on ties.
+
+    - `"stable"`: equal scores keep their input (global retrieval) order.
+    - `"official"`: SelaVPR's official `test.rerank` (Lu-Feng/SelaVPR), `np.argsort(scores)
+      [::-1]` on its float32 tensor of counts: NumPy's default (unstable) sort, reversed.
+      Integer scores are cast to float32 as there; which of equal scores comes first then
+      depends on NumPy's sort kernel (its version and the CPU's SIMD), exactly as in the
+      official code.
+    """
+    check_tie_order(tie_order)
+    values = np.asarray(scores)
+    if tie_order == "stable":
+        return np.argsort(-values.astype(np.float64), kind="stable")
+    if values.dtype.kind in "biu":
+        values = values.astype(np.float32)
+    return np.ascontiguousarray(np.argsort(values)[::-1])
+
+
+def rerank_by_scores(
+    candidate_ids, scores: np.ndarray | Sequence[float], tie_order: str = "stable"
+):
     """`candidate_ids` (list, ndarray or tensor; the type is kept) sorted by descending
-    `scores`, ties in their input order (`descending_order`)."""
+    `scores`, ties as `tie_order` says (`descending_order`; default: their input order)."""
     if len(candidate_ids) != len(scores):
         raise ValueError(f"{len(candidate_ids)} candidate ids for {len(scores)} scores")
-    order = descending_order(scores)
+    order = descending_order(scores, tie_order)
     if isinstance(candidate_ids, Tensor):
         return candidate_ids[torch.as_tensor(order, device=candidate_ids.device)]
     if isinstance(candidate_ids, np.ndarray):

@@ -336,17 +336,19 @@ def rerank_by_mnn(
     candidate_ids: Sequence[int] | np.ndarray | Tensor,
     *,
     return_counts: bool = False,
+    tie_order: str = "stable",
     **kwargs,
 ):
     """`candidate_ids` re-sorted by mutual-NN count, descending. Equal counts keep their
-    input (global-retrieval) order (`vprkit.rerank.descending_order`). Returns the ids in the
-    type given (list, ndarray or tensor), and the counts in input order if `return_counts`.
-    `kwargs` go to `mutual_nn_count`."""
+    input (global-retrieval) order, or with `tie_order="official"` the order of SelaVPR's
+    official code (`vprkit.rerank.descending_order`). Returns the ids in the type given (list,
+    ndarray or tensor), and the counts in input order if `return_counts`. `kwargs` go to
+    `mutual_nn_count`."""
     n_ids = len(candidate_ids)
     counts = mutual_nn_count(query_local, candidate_locals, **kwargs)
     if counts.shape[0] != n_ids:
         raise ValueError(f"{n_ids} candidate ids for {counts.shape[0]} candidate feature maps")
-    ranked = rerank_by_scores(candidate_ids, counts.cpu().numpy())
+    ranked = rerank_by_scores(candidate_ids, counts.cpu().numpy(), tie_order)
     return (ranked, counts) if return_counts else ranked
 
 

@@ -4,7 +4,8 @@
 (`vprkit.rerank.list_rerankers()`: `mnn`, `r2former`, `ransac_homography`,
 `ransac_fundamental` and any registered later); `rerank_order` sorts each query's first
 `rerank_num` candidates by it. Candidates beyond `rerank_num` keep their global order after
-the re-ranked ones; equal scores keep their global order too.
+the re-ranked ones; equal scores keep their global order too, unless `tie_order="official"`
+asks for SelaVPR's official order (`vprkit.rerank.descending_order`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vprkit.rerank.base import ScoreFn, descending_order, get_reranker
+from vprkit.rerank.base import ScoreFn, check_tie_order, descending_order, get_reranker
 from vprkit.rerank.local_features import LocalFeatureCache
 
 
@@ -24,19 +25,23 @@ def rerank_order(
     rerank_num: int,
     score_fn: Callable[[int, np.ndarray], np.ndarray],
     label: str = "re-ranking",
+    tie_order: str = "stable",
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each query, the order of its first `rerank_num` predictions by descending
-    `score_fn(query, candidates)` (ties keep the global order), and the scores in that order."""
+    `score_fn(query, candidates)`, ties as `tie_order` says (`descending_order`; default: the
+    global order), and the scores in that order."""
     if rerank_num < 1:
         raise ValueError(f"rerank_num must be at least 1, got {rerank_num}")
+    check_tie_order(tie_order)
     n = min(rerank_num, predictions.shape[1])
     orders = np.zeros((len(predictions), n), dtype=np.int64)
     all_scores = np.zeros((len(predictions), n), dtype=np.float64)
     for q in tqdm(range(len(predictions)), desc=label, unit="query", leave=False):
-        scores = np.asarray(score_fn(q, predictions[q, :n]), dtype=np.float64)
+        scores = np.asarray(score_fn(q, predictions[q, :n]))
         if scores.shape != (n,):
             raise ValueError(f"the scorer gave {scores.shape} scores for {n} candidates")
-        orders[q] = descending_order(scores)
+        # Ordered in the scorer's own dtype: the official order sorts counts as float32.
+        orders[q] = descending_order(scores, tie_order)
         all_scores[q] = scores[orders[q]]
     return orders, all_scores
 

@@ -68,7 +68,13 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "ground_truth": None,
     "database_folder": "database",
     "queries_folder": "queries",
+    "positive_dist_threshold": 25.0,
 }
+# Options a format takes when it applies them while reading, and that evaluation applies
+# itself otherwise: the radius of positives is applied to UTM labels after reading (VG), but
+# an MSLS root drops the queries without a positive within it while reading, as the official
+# evaluation does.
+APPLIED_AFTER_READING: frozenset[str] = frozenset({"positive_dist_threshold"})
 TRAINING_OPTION_DEFAULTS: dict[str, Any] = {
     "split": "train",
     "train_positives_dist_threshold": 10.0,
@@ -211,6 +217,8 @@ def _options_for(
             passed[key] = value
         elif key in defaults and value == defaults[key]:
             continue  # e.g. `vprkit eval`'s default split="test" on an MSLS root
+        elif key in APPLIED_AFTER_READING:
+            continue
         else:
             takes = ", ".join(sorted(accepted)) or "none"
             raise ValueError(
@@ -240,6 +248,10 @@ def open_dataset(
     - ``ground_truth``: a VPR-Bench-style ``.npy`` of positives (VPR-Bench, plain folders).
     - ``database_folder``, ``queries_folder``: subfolder names (VG, plain folders), e.g.
       SVOX's ``queries_night``.
+    - ``positive_dist_threshold``: MSLS: the radius of positives in metres (25), which also
+      decides which queries the official split drops. Other formats leave it to evaluation,
+      which applies it to UTM labels.
+
 
     The dataset's ``layout`` is the name of the format that read it.
     """

@@ -59,6 +59,7 @@ class MSLS(DatasetFormat):
         msls_cities: str | Sequence[str] | None = None,
         msls_subtask: str = "all",
         msls_val_split: str = "official",
+        positive_dist_threshold: float = 25.0,
     ) -> PlaceDataset:
         return read_msls(
             path,
@@ -66,6 +67,7 @@ class MSLS(DatasetFormat):
             cities=msls_cities,
             subtask=msls_subtask,
             val_split=msls_val_split,
+            positive_radius=float(positive_dist_threshold),
         )
 
     def read_training(
