@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from vprkit.atomic import atomic_path, save_npy
 from vprkit.data.images import ImageListDataset, Preprocess, input_hw
+from vprkit.errors import VprkitError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -96,14 +97,17 @@ def extract_global_descriptors(
             if local_sink is not None:
                 local = out.local_desc if out.local_desc is not None else out.local_tokens
                 if local is None:
-                    raise ValueError(f"{type(model).__name__} gives no local features to re-rank")
+                    raise VprkitError(
+                        f"{type(model).__name__} gives no local features to re-rank: choose "
+                        "a model that has them, or --rerank_num 0"
+                    )
                 local_sink(indices, local.float())
             if descriptors is None:
                 descriptors = np.empty((len(paths), batch.shape[1]), dtype=np.float32)
             descriptors[indices.numpy()] = batch
             bar.update(len(indices))
     if descriptors is None:
-        raise ValueError(f"no {label} to extract")
+        raise VprkitError(f"no {label} to extract")
     return descriptors
 
 

@@ -32,6 +32,8 @@ import numpy as np
 from numpy.lib import format as npy_format
 from PIL import features as _pil_features
 
+from vprkit.errors import MissingInputError, VprkitError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "PlaceDataset",
@@ -186,7 +188,7 @@ def load_npy_safe(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(os.path.abspath(path))
     if not path.is_file():
-        raise FileNotFoundError(f"File {path} does not exist")
+        raise MissingInputError(f"File {path} does not exist")
     with open(path, "rb") as f:
         try:
             version = npy_format.read_magic(f)
@@ -195,9 +197,9 @@ def load_npy_safe(path: str | os.PathLike) -> np.ndarray:
             elif version == (2, 0):
                 shape, _, dtype = npy_format.read_array_header_2_0(f)
             else:
-                raise ValueError(f"unsupported .npy format version {version}")
+                raise VprkitError(f"unsupported .npy format version {version}")
         except ValueError as e:
-            raise ValueError(f"{path}: not a readable .npy file ({e})") from e
+            raise VprkitError(f"{path}: not a readable .npy file ({e})") from e
         if not dtype.hasobject:
             # Plain numeric/string arrays carry no pickle: NumPy's loader is safe here.
             return np.load(path, allow_pickle=False)
@@ -207,11 +209,11 @@ def load_npy_safe(path: str | os.PathLike) -> np.ndarray:
             message = str(e)
             if str(path) not in message:
                 message = f"{path}: malformed pickle in .npy file ({message})"
-            raise ValueError(message) from e
+            raise VprkitError(message) from e
         except (EOFError, TypeError, ValueError, AttributeError, IndexError, KeyError) as e:
-            raise ValueError(f"{path}: malformed pickle in .npy file ({e!r})") from e
+            raise VprkitError(f"{path}: malformed pickle in .npy file ({e!r})") from e
     if not isinstance(array, np.ndarray) or array.shape != tuple(shape):
-        raise ValueError(
+        raise VprkitError(
             f"{path}: pickle holds {type(array).__name__} "
             f"{getattr(array, 'shape', '')}, but the header promises an array of shape {shape}"
         )
@@ -233,20 +235,20 @@ def _as_int_array(value: Any, where: str) -> np.ndarray:
         return np.array([int(value)], dtype=np.int64)
     if isinstance(value, np.ndarray):
         if value.ndim > 1:
-            raise ValueError(f"{where}: expected a 1-D list of indices, got shape {value.shape}")
+            raise VprkitError(f"{where}: expected a 1-D list of indices, got shape {value.shape}")
         if value.dtype.kind in "iu":
             return value.reshape(-1).astype(np.int64)
         if value.dtype != object:
-            raise ValueError(f"{where}: expected integer indices, got an array of {value.dtype}")
+            raise VprkitError(f"{where}: expected integer indices, got an array of {value.dtype}")
         items: Iterable[Any] = value.reshape(-1).tolist()
     elif isinstance(value, (list, tuple)):
         items = value
     else:
-        raise ValueError(f"{where}: expected an integer or a list of integers, got {value!r:.80}")
+        raise VprkitError(f"{where}: expected an integer or a list of integers, got {value!r:.80}")
     out = []
     for item in items:
         if not _is_int(item):
-            raise ValueError(f"{where}: expected integer indices, got {item!r:.80}")
+            raise VprkitError(f"{where}: expected integer indices, got {item!r:.80}")
         out.append(int(item))
     return np.array(out, dtype=np.int64)
 
@@ -257,7 +259,7 @@ def _check_index_range(indices: np.ndarray, num_database: int | None, where: str
     bad = indices[(indices < 0) | (num_database is not None and indices >= num_database)]
     if bad.size:
         limit = "" if num_database is None else f" (valid 0..{num_database - 1})"
-        raise ValueError(f"{where}: database index {int(bad[0])} is out of range{limit}")
+        raise VprkitError(f"{where}: database index {int(bad[0])} is out of range{limit}")
 
 
 def load_vprbench_ground_truth(
@@ -278,12 +280,12 @@ def load_vprbench_ground_truth(
     elif table.ndim == 1 and table.dtype == object:
         rows = table.tolist()
     else:
-        raise ValueError(
+        raise VprkitError(
             f"{path}: expected rows [query_index, [reference indices]], got an array of "
             f"shape {table.shape} and dtype {table.dtype}"
         )
     if num_queries is not None and len(rows) != num_queries:
-        raise ValueError(
+        raise VprkitError(
             f"{path}: ground truth has {len(rows)} rows but there are {num_queries} queries"
         )
     positives = []
@@ -291,12 +293,12 @@ def load_vprbench_ground_truth(
         if isinstance(row, np.ndarray):
             row = row.tolist() if row.dtype == object else list(row)
         if not isinstance(row, (list, tuple)) or len(row) != 2:
-            raise ValueError(f"{path}: row {i} is not a [query_index, references] pair")
+            raise VprkitError(f"{path}: row {i} is not a [query_index, references] pair")
         query, refs = row
         if not _is_int(query):
-            raise ValueError(f"{path}: row {i} has query index {query!r:.80}, not an integer")
+            raise VprkitError(f"{path}: row {i} has query index {query!r:.80}, not an integer")
         if int(query) != i:
-            raise ValueError(
+            raise VprkitError(
                 f"{path}: row {i} is for query {int(query)}; rows must be in query order"
             )
         indices = _as_int_array(refs, f"{path}: query {i}")
@@ -317,12 +319,12 @@ def _positives_from_array(
     elif table.ndim == 1 and table.dtype.kind in "iu":
         rows = [[int(v)] for v in table]  # exactly one positive per query
     else:
-        raise ValueError(
+        raise VprkitError(
             f"{path}: expected one list of database indices per query, got an array of "
             f"shape {table.shape} and dtype {table.dtype}"
         )
     if len(rows) != num_queries:
-        raise ValueError(
+        raise VprkitError(
             f"{path}: ground truth has {len(rows)} rows but there are {num_queries} queries"
         )
     positives = []
@@ -441,7 +443,7 @@ def _check_listed(paths: list[str], listing: Path, check: str) -> None:
         more = (
             f" ({len(missing)} of {len(paths)} listed files are missing)" if check == "all" else ""
         )
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Image {missing[0]} listed in {listing} does not exist{more}; paths in that "
             "file must be relative to the folder it describes, so its content is likely wrong"
         )
@@ -453,7 +455,7 @@ def _check_duplicates(paths: list[str], folder: Path, source: Path | None = None
         key = os.path.relpath(p, folder)
         if key in seen:
             where = f" in {source}" if source is not None else ""
-            raise ValueError(f"{folder}: duplicate image name {key!r}{where}")
+            raise VprkitError(f"{folder}: duplicate image name {key!r}{where}")
         seen.add(key)
 
 
@@ -473,19 +475,19 @@ def read_images_paths(folder: str | os.PathLike, check: str = "sample") -> list[
         raise ValueError(f"check must be one of {_CHECK_MODES}, got {check!r}")
     folder = _absolute(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"Folder {folder} does not exist")
+        raise MissingInputError(f"Folder {folder} does not exist")
     listing = folder.parent / f"{folder.name}_images_paths.txt"
     if listing.is_file():
         lines = [line.strip() for line in listing.read_text().splitlines()]
         # String concatenation like the original (folder + "/" + line), then normalised.
         paths = [os.path.normpath(f"{folder}/{line}") for line in lines if line]
         if not paths:
-            raise FileNotFoundError(f"{listing} lists no images")
+            raise MissingInputError(f"{listing} lists no images")
         _check_listed(paths, listing, check)
     else:
         paths = _walk_images(folder)
         if not paths:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"Folder {folder} does not contain any images ({', '.join(IMAGE_EXTENSIONS)})"
             )
     _check_duplicates(paths, folder, listing if listing.is_file() else None)
@@ -501,24 +503,24 @@ def _image_number(name: str) -> int | None:
 def _numbered_images(folder: Path) -> list[Path]:
     """VPR-Bench images ``N.jpg`` in numeric order, which ground-truth indices refer to."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"Folder {folder} does not exist")
+        raise MissingInputError(f"Folder {folder} does not exist")
     numbered: dict[int, Path] = {}
     with os.scandir(folder) as entries:
         names = [e.name for e in entries if _is_image_name(e.name) and e.is_file()]
     for name in sorted(names):
         index = _image_number(name)
         if index is None:
-            raise ValueError(
+            raise VprkitError(
                 f"{folder / name}: VPR-Bench images must be named by number (N.jpg), "
                 "since ground-truth indices refer to numeric order"
             )
         if index in numbered:
-            raise ValueError(
+            raise VprkitError(
                 f"{folder}: duplicate image number {index}: {numbered[index].name} and {name}"
             )
         numbered[index] = folder / name
     if not numbered:
-        raise FileNotFoundError(f"Folder {folder} does not contain any images")
+        raise MissingInputError(f"Folder {folder} does not contain any images")
     return [numbered[i] for i in sorted(numbered)]
 
 
@@ -537,12 +539,12 @@ def parse_utm(path: str | os.PathLike) -> tuple[float, float]:
     try:
         east, north = float(fields[1]), float(fields[2])
     except (IndexError, ValueError):
-        raise ValueError(
+        raise VprkitError(
             f"{path}: cannot read UTM coordinates from the name; expected "
             "@utm_east@utm_north@...@.jpg"
         ) from None
     if not (np.isfinite(east) and np.isfinite(north)):
-        raise ValueError(f"{path}: UTM coordinates in the name are not finite numbers")
+        raise VprkitError(f"{path}: UTM coordinates in the name are not finite numbers")
     return east, north
 
 
@@ -552,7 +554,10 @@ def _utm_array(paths: list[Path]) -> np.ndarray:
         try:
             utm[i] = parse_utm(p)
         except ValueError as e:
-            raise ValueError(f"{e} (for images without coordinates use no_labels=True)") from e
+            raise VprkitError(
+                f"{e} (for images without coordinates pass --no_labels, or no_labels=True in "
+                "Python)"
+            ) from e
     return utm
 
 
@@ -591,11 +596,11 @@ def read_vg_dataset(
     """
     folder = _absolute(dataset_folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"Folder {folder} does not exist")
+        raise MissingInputError(f"Folder {folder} does not exist")
     split_folder = _find_vg_split(folder, split, database_folder, queries_folder)
     if split_folder is None:
         tried = [folder, folder / split, folder / "images" / split]
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"No {database_folder}/ and {queries_folder}/ folders found in any of "
             + ", ".join(str(t) for t in tried)
         )
@@ -626,7 +631,7 @@ def read_vprbench(
     """
     folder = _absolute(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"Folder {folder} does not exist")
+        raise MissingInputError(f"Folder {folder} does not exist")
     query_paths = _numbered_images(folder / "query")
     database_paths = _numbered_images(folder / "ref")
     positives = None
@@ -634,8 +639,9 @@ def read_vprbench(
         gt_path = folder / "ground_truth_new.npy" if ground_truth is None else ground_truth
         gt_path = _absolute(gt_path)
         if not gt_path.is_file():
-            raise FileNotFoundError(
-                f"Ground truth {gt_path} does not exist (use no_labels=True for a set without it)"
+            raise MissingInputError(
+                f"Ground truth {gt_path} does not exist (for a set without it pass "
+                "--no_labels, or no_labels=True in Python)"
             )
         positives = load_vprbench_ground_truth(gt_path, len(query_paths), len(database_paths))
     return PlaceDataset(
@@ -651,23 +657,23 @@ def read_vprbench(
 def _load_name_list(path: Path) -> list[str]:
     array = load_npy_safe(path)
     if array.ndim != 1:
-        raise ValueError(f"{path}: expected a 1-D array of image paths, got shape {array.shape}")
+        raise VprkitError(f"{path}: expected a 1-D array of image paths, got shape {array.shape}")
     if array.dtype.kind == "S":
         return [bytes(v).decode() for v in array]
     if array.dtype.kind == "U" or array.dtype == object:
         names = array.tolist()
         for name in names:
             if not isinstance(name, str):
-                raise ValueError(f"{path}: expected image paths (strings), got {name!r:.80}")
+                raise VprkitError(f"{path}: expected image paths (strings), got {name!r:.80}")
         return names
-    raise ValueError(f"{path}: expected an array of image paths, got dtype {array.dtype}")
+    raise VprkitError(f"{path}: expected an array of image paths, got dtype {array.dtype}")
 
 
 def _gsv_paths(names: list[str], image_root: Path, source: Path, check: str) -> list[Path]:
     # gsv-cities opens DATASET_ROOT + name: the names are relative to the image root.
     paths = [os.path.normpath(f"{image_root}/{name}") for name in names]
     if not paths:
-        raise ValueError(f"{source} lists no images")
+        raise VprkitError(f"{source} lists no images")
     _check_duplicates(paths, image_root, source)
     _check_listed(paths, source, check)
     return [Path(p) for p in paths]
@@ -689,14 +695,14 @@ def read_gsv_val(
     """
     folder = _absolute(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"Folder {folder} does not exist")
+        raise MissingInputError(f"Folder {folder} does not exist")
     root = folder if image_root is None else _absolute(image_root)
     if not root.is_dir():
-        raise FileNotFoundError(f"Image root {root} does not exist")
+        raise MissingInputError(f"Image root {root} does not exist")
     db_file, q_file = folder / f"{name}_dbImages.npy", folder / f"{name}_qImages.npy"
     for f in (db_file, q_file):
         if not f.is_file():
-            raise FileNotFoundError(f"File {f} does not exist")
+            raise MissingInputError(f"File {f} does not exist")
     db_names = _load_name_list(db_file)
     q_names = _load_name_list(q_file)
     gt_file = folder / f"{name}_gt.npy"
@@ -709,7 +715,7 @@ def read_gsv_val(
         q_names = [q_names[i] for i in q_index]
         gt_file, table = pidx_file, load_npy_safe(pidx_file)
     else:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Ground truth {gt_file} does not exist (nor {qidx_file.name} + {pidx_file.name})"
         )
     database_paths = _gsv_paths(db_names, root, db_file, check_paths)
@@ -730,12 +736,12 @@ def _numeric_order(paths: list[Path], folder: Path) -> list[Path]:
     for p in paths:
         index = _image_number(p.name)
         if index is None:
-            raise ValueError(
+            raise VprkitError(
                 f"{p}: with a VPR-Bench ground truth, images must be named by number (N.jpg), "
                 "since its indices refer to numeric order"
             )
         if index in numbered:
-            raise ValueError(f"{folder}: duplicate image number {index}: {numbered[index]}, {p}")
+            raise VprkitError(f"{folder}: duplicate image number {index}: {numbered[index]}, {p}")
         numbered[index] = p
     return [numbered[i] for i in sorted(numbered)]
 
@@ -755,7 +761,9 @@ def read_folders(
     does); none with ``no_labels``.
     """
     if ground_truth is not None and no_labels:
-        raise ValueError("ground_truth and no_labels=True exclude each other")
+        raise VprkitError(
+            "--ground_truth and --no_labels (ground_truth and no_labels=True) exclude each other"
+        )
     db_folder, q_folder = _absolute(database_folder), _absolute(queries_folder)
     database_paths = read_images_paths(db_folder, check_paths)
     query_paths = read_images_paths(q_folder, check_paths)

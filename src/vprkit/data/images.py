@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from vprkit.errors import VprkitError
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -46,7 +48,7 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 PathLike = str | os.PathLike
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(VprkitError):
     """An image file could not be read; the message names the file and the problem."""
 
     def __init__(self, message: str, path: PathLike | None = None) -> None:

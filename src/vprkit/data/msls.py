@@ -61,6 +61,7 @@ import numpy as np
 
 from vprkit.atomic import atomic_path
 from vprkit.data.datasets import PlaceDataset
+from vprkit.errors import MissingInputError, VprkitError
 from vprkit.retrieval.ground_truth import positives_within_radius
 
 __all__ = [
@@ -349,7 +350,7 @@ class _Table:
             elif v in _FALSE:
                 out[i] = False
             else:
-                raise ValueError(
+                raise VprkitError(
                     f"{self.path}: line {self.lines[i]}: column {name!r} is {value!r}, "
                     "expected True or False"
                 )
@@ -368,7 +369,7 @@ class _Table:
                 except ValueError:
                     ok = False
                 if not ok:
-                    raise ValueError(
+                    raise VprkitError(
                         f"{self.path}: line {self.lines[i]}: column {name!r} is {value!r}, "
                         "expected a finite number"
                     ) from None
@@ -378,16 +379,16 @@ class _Table:
 def _read_csv(path: Path, required: Sequence[str]) -> _Table:
     """Read an MSLS metadata CSV with the columns ``required``; clear errors naming the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"MSLS metadata file {path} does not exist")
+        raise MissingInputError(f"MSLS metadata file {path} does not exist")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
-            raise ValueError(f"{path} is empty; expected a header with {', '.join(required)}")
+            raise VprkitError(f"{path} is empty; expected a header with {', '.join(required)}")
         names = [h.strip() for h in header]
         missing = [c for c in required if c not in names]
         if missing:
-            raise ValueError(
+            raise VprkitError(
                 f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(names)})"
             )
         wanted = {names.index(c): c for c in required}
@@ -398,7 +399,7 @@ def _read_csv(path: Path, required: Sequence[str]) -> _Table:
             if not row:
                 continue  # blank line, skipped as pandas does
             if len(row) != len(names):
-                raise ValueError(
+                raise VprkitError(
                     f"{path}: line {reader.line_num} has {len(row)} fields but the header "
                     f"has {len(names)}"
                 )
@@ -412,7 +413,7 @@ def _read_csv(path: Path, required: Sequence[str]) -> _Table:
             labels = np.array([int(v) for v in first], dtype=np.int64)
         except ValueError:
             bad = next(i for i, v in enumerate(first) if not v.strip().lstrip("-").isdigit())
-            raise ValueError(
+            raise VprkitError(
                 f"{path}: line {lines[bad]}: row label {first[bad]!r} is not an integer"
             ) from None
     else:
@@ -437,7 +438,7 @@ def _check_in_range(labels: np.ndarray, table: _Table, source: _Table) -> None:
     bad = (labels < 0) | (labels >= len(table))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(
+        raise VprkitError(
             f"{source.path}: row label {int(labels[i])} has no row in {table.path} "
             f"({len(table)} rows); the MSLS metadata files of this folder do not match"
         )
@@ -451,7 +452,7 @@ def _check_keys(keys: list[str], table: _Table, rows: np.ndarray, source: Path) 
     other = table.columns["key"]
     for key, r in zip(keys, rows.tolist(), strict=True):
         if other[r] != key:
-            raise ValueError(
+            raise VprkitError(
                 f"{table.path}: line {table.lines[r]} has key {other[r]!r} where {source} "
                 f"has {key!r}; the MSLS metadata files of this folder do not match"
             )
@@ -478,7 +479,7 @@ def _read_labelled_side(
     seq = _read_csv(folder / "seq_info.csv", ("key",))
     frames = pp.labels
     if len(np.unique(frames)) != len(frames):
-        raise ValueError(f"{pp.path}: duplicate row labels in the first column")
+        raise VprkitError(f"{pp.path}: duplicate row labels in the first column")
     for table in (seq, raw):
         _check_in_range(frames, table, pp)
     keep = ~raw.bools("pano")[frames]
@@ -497,7 +498,7 @@ def _read_labelled_side(
         pp_keys = pp.columns["key"]
         for key, r in zip(keys, rows.tolist(), strict=True):
             if pp_keys[r].strip() != key:
-                raise ValueError(
+                raise VprkitError(
                     f"{pp.path}: line {pp.lines[r]} has key {pp_keys[r]!r} where "
                     f"{seq.path} (row {int(frames[r])}) has {key!r}; the MSLS metadata files "
                     "of this folder do not match"
@@ -533,7 +534,7 @@ def _read_downloader_side(folder: Path) -> tuple[_Side, dict[str, int]]:
     try:
         easting, northing, _ = latlon_to_utm(lat, lon)
     except ValueError as e:
-        raise ValueError(f"{raw.path}: {e}") from None
+        raise VprkitError(f"{raw.path}: {e}") from None
     utm = np.array(
         [[_truncate_cm(e), _truncate_cm(n)] for e, n in zip(easting, northing, strict=True)],
         dtype=np.float64,
@@ -554,12 +555,12 @@ def _check_images_listed(root: Path, city: str, side: str, keys: list[str], sour
     """Every key has its image: one directory listing, not one stat per image."""
     folder = _city_folder(root, city) / side / "images"
     if not folder.is_dir():
-        raise FileNotFoundError(f"Image folder {folder} does not exist (keys listed in {source})")
+        raise MissingInputError(f"Image folder {folder} does not exist (keys listed in {source})")
     with os.scandir(folder) as entries:
         names = {e.name for e in entries}
     missing = [k for k in keys if f"{k}.jpg" not in names]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Image {folder / (missing[0] + '.jpg')} does not exist ({len(missing)} of "
             f"{len(keys)} images listed in {source} are missing)"
         )
@@ -569,7 +570,7 @@ def _check_images_sample(paths: list[Path]) -> None:
     step = max(1, len(paths) // _SAMPLE_CHECKS)
     for p in paths[::step] + paths[-1:]:
         if not p.is_file():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"Image {p} does not exist; the dataset changed since the index was cached "
                 "(delete the .vprkit_msls_cache folder, or use_cache=False, to re-check all)"
             )
@@ -671,19 +672,19 @@ def _resolve_cities(cities: str | Sequence[str] | None, default: str) -> tuple[s
         names = tuple(cities)
     names = tuple(c for c in names if c)
     if not names:
-        raise ValueError("cities is empty")
+        raise VprkitError("cities is empty")
     if len(set(names)) != len(names):
-        raise ValueError(f"cities lists a city twice: {', '.join(names)}")
+        raise VprkitError(f"cities lists a city twice: {', '.join(names)}")
     return names
 
 
 def _check_root(root: Path, cities: Sequence[str]) -> None:
     if not root.is_dir():
-        raise FileNotFoundError(f"MSLS root {root} does not exist")
+        raise MissingInputError(f"MSLS root {root} does not exist")
     for city in cities:
         folder = _city_folder(root, city)
         if not folder.is_dir():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"MSLS city folder {folder} does not exist (expected "
                 "<root>/{train_val,test}/<city>/{query,database}/)"
             )
@@ -771,7 +772,7 @@ def _build(
         for rel, lists in zip(relations, per_radius, strict=True):
             rel.extend(lists[i] + offset for i in keep.tolist())
     if len(skipped) == len(cities):
-        raise ValueError(
+        raise VprkitError(
             f"MSLS: no city of {', '.join(cities)} under {root} has both query and database "
             f"images for subtask {subtask!r}; choose another subtask or more cities"
         )
@@ -858,17 +859,17 @@ def is_msls_root(folder: str | os.PathLike) -> bool:
 
 def _check_read_arguments(split: str, subtask: str, val_split: str, positive_radius: float) -> None:
     if split not in MSLS_CITIES:
-        raise ValueError(f"split must be one of {', '.join(MSLS_CITIES)}, got {split!r}")
+        raise VprkitError(f"split must be one of {', '.join(MSLS_CITIES)}, got {split!r}")
     if subtask not in MSLS_SUBTASKS:
-        raise ValueError(f"subtask must be one of {', '.join(MSLS_SUBTASKS)}, got {subtask!r}")
+        raise VprkitError(f"subtask must be one of {', '.join(MSLS_SUBTASKS)}, got {subtask!r}")
     if val_split not in VAL_SPLITS:
-        raise ValueError(f"val_split must be one of {', '.join(VAL_SPLITS)}, got {val_split!r}")
+        raise VprkitError(f"val_split must be one of {', '.join(VAL_SPLITS)}, got {val_split!r}")
     if val_split == "downloader" and split != "val":
-        raise ValueError("val_split='downloader' only applies to split='val'")
+        raise VprkitError("val_split='downloader' only applies to split='val'")
     if val_split == "downloader" and subtask != "all":
-        raise ValueError("the downloader split has no subtasks; use subtask='all'")
+        raise VprkitError("the downloader split has no subtasks; use subtask='all'")
     if not (math.isfinite(positive_radius) and positive_radius >= 0):
-        raise ValueError(f"positive_radius must be a non-negative number, got {positive_radius}")
+        raise VprkitError(f"positive_radius must be a non-negative number, got {positive_radius}")
 
 
 def read_msls(

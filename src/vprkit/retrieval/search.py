@@ -26,6 +26,7 @@ import faiss
 import numpy as np
 
 from vprkit.atomic import atomic_path
+from vprkit.errors import VprkitError
 
 __all__ = [
     "PCAProjection",
@@ -526,13 +527,22 @@ class PCAProjection:
 def load_pca(path: str | Path) -> PCAProjection:
     """Read a PCA written by ``PCAProjection.save``."""
     path = Path(path)
-    with np.load(path, allow_pickle=False) as f:
+    try:
+        f = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise VprkitError(f"{path}: not a PCA file ({e}); give a vprkit pca.npz") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise VprkitError(f"{path}: a plain .npy array, not a PCA file; give a vprkit pca.npz")
+    with f:
         missing = {"mean", "components", "explained_variance"} - set(f.files)
         if missing:
-            raise ValueError(f"{path} is not a vprkit PCA file: missing {sorted(missing)}")
+            raise VprkitError(
+                f"{path} is not a vprkit PCA file: missing {sorted(missing)}; give the pca.npz "
+                "of a vprkit eval --pca_dim run"
+            )
         pca = PCAProjection(f["mean"], f["components"], f["explained_variance"])
     if pca.components.ndim != 2 or pca.mean.shape != (pca.input_dim,):
-        raise ValueError(
+        raise VprkitError(
             f"{path}: inconsistent PCA shapes, mean {pca.mean.shape}, "
             f"components {pca.components.shape}"
         )

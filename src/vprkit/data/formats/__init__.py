@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vprkit.data.datasets import PlaceDataset
+from vprkit.errors import MissingInputError, VprkitError
 
 if TYPE_CHECKING:  # triplets imports torch; only training needs it
     from vprkit.data.triplets import TripletData
@@ -161,7 +162,7 @@ def get_format(name: str) -> Any:
     """The registered format called ``name``."""
     _ensure_builtin_formats()
     if name not in _FORMATS:
-        raise ValueError(f"unknown dataset format {name!r}; known: {', '.join(list_formats())}")
+        raise VprkitError(f"unknown dataset format {name!r}; known: {', '.join(list_formats())}")
     return _FORMATS[name]
 
 
@@ -169,7 +170,7 @@ def _absolute_folder(path: str | os.PathLike) -> Path:
     # abspath, not resolve(): keep the user's symlinked dataset folders in the paths.
     folder = Path(os.path.abspath(path))
     if not folder.is_dir():
-        raise FileNotFoundError(f"Folder {folder} does not exist")
+        raise MissingInputError(f"Folder {folder} does not exist")
     return folder
 
 
@@ -184,18 +185,19 @@ def detect_format(path: str | os.PathLike, *, training: bool = False) -> Any:
         return found[0]
     if len(found) > 1:
         names = ", ".join(f.name for f in found)
-        raise ValueError(
+        raise VprkitError(
             f"{folder}: matches several layouts ({names}); pass format= the one you mean"
         )
     if training:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{folder}: no training data found: neither "
             + " nor ".join(f.description for f in candidates)
         )
     known = "\n".join(f"  {f.name}: {f.description}" for f in candidates)
-    raise ValueError(
+    raise VprkitError(
         f"{folder}: no known dataset layout found. Known layouts:\n{known}\n"
-        "For other folders use read_folders(database_folder, queries_folder)."
+        "For other folders give --database_folder and --queries_folder "
+        "(read_folders(database_folder, queries_folder) in Python)."
     )
 
 
@@ -221,7 +223,7 @@ def _options_for(
             continue
         else:
             takes = ", ".join(sorted(accepted)) or "none"
-            raise ValueError(
+            raise VprkitError(
                 f"{key} was given ({key}={value!r}) but the {fmt.name!r} format does not take "
                 f"it (its options: {takes})"
             )
@@ -252,7 +254,6 @@ def open_dataset(
       decides which queries the official split drops. Other formats leave it to evaluation,
       which applies it to UTM labels.
 
-
     The dataset's ``layout`` is the name of the format that read it.
     """
     folder = _absolute_folder(path)
@@ -274,7 +275,7 @@ def open_training_data(
     folder = _absolute_folder(path)
     fmt = get_format(format) if format is not None else detect_format(folder, training=True)
     if not getattr(fmt, "read_training", None):
-        raise ValueError(f"{folder}: the {fmt.name!r} format has no training data")
+        raise VprkitError(f"{folder}: the {fmt.name!r} format has no training data")
     passed = _options_for(fmt, fmt.read_training, options, TRAINING_OPTION_DEFAULTS)
     return fmt.read_training(folder, **passed)
 

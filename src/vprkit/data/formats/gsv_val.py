@@ -11,6 +11,7 @@ from pathlib import Path
 
 from vprkit.data.datasets import PlaceDataset, read_gsv_val
 from vprkit.data.formats import DatasetFormat, register_format
+from vprkit.errors import MissingInputError, VprkitError
 
 __all__ = ["GSVVal", "gsv_list_names", "read_gsv_val"]
 
@@ -44,14 +45,14 @@ class GSVVal(DatasetFormat):
         names = gsv_list_names(path)
         if name is None:
             if len(names) > 1:
-                raise ValueError(
+                raise VprkitError(
                     f"{path} holds several GSV-Cities lists ({', '.join(names)}); pass name="
                 )
             if not names:
-                raise FileNotFoundError(f"{path}: no <name>{_SUFFIX} list")
+                raise MissingInputError(f"{path}: no <name>{_SUFFIX} list")
             name = names[0]
         elif name not in names:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{path}: no {name}{_SUFFIX} (found: {', '.join(names) or 'none'})"
             )
         return read_gsv_val(path, name, image_root=image_root, check_paths=check_paths)

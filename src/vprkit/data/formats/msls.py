@@ -22,6 +22,7 @@ from vprkit.data.msls import (
     read_msls_train,
     write_submission,
 )
+from vprkit.errors import VprkitError
 
 if TYPE_CHECKING:
     from vprkit.data.triplets import TripletData
@@ -82,7 +83,7 @@ class MSLS(DatasetFormat):
         from vprkit.data.triplets import TripletData  # noqa: F811 (imports torch: training only)
 
         if split != "train":
-            raise ValueError(
+            raise VprkitError(
                 f"{path} is a Mapillary SLS root: triplet training reads its train cities, "
                 f"so split must be 'train', got {split!r} (validate with read_msls(root, 'val') "
                 "or `vprkit eval`)"

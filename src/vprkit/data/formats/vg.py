@@ -20,6 +20,7 @@ from vprkit.data.datasets import (
     read_vg_dataset,
 )
 from vprkit.data.formats import DatasetFormat, register_format
+from vprkit.errors import MissingInputError
 
 if TYPE_CHECKING:
     from vprkit.data.triplets import TripletData
@@ -83,7 +84,7 @@ class VG(DatasetFormat):
     def _check_split(self, path: Path, split: str, database: str, queries: str) -> None:
         if _find_vg_split(path, split, database, queries) is None:
             found = ", ".join(_splits(path)) or "none"
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{path}: no split {split!r}: expected <dataset>/images/{split}/"
                 f"{{{database},{queries}}}/ (splits found: {found})"
             )
