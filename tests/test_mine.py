@@ -199,6 +199,8 @@ def mine_args(dataset_folder: Path, out: Path, *extra: str) -> list[str]:
         "depth=1",
         "--model_option",
         "img_size=(32, 32)",
+        "--weights",
+        "random",
         "--image_size",
         "32",
         "32",
@@ -260,7 +262,8 @@ def test_cli_sidecar_and_summary(mined, dataset_folder):
     side = sidecar_path(out)
     assert side.name == "hard_negatives.npy.json"
     info = json.loads(side.read_text())
-    assert info["method"] == "r2former" and info["weights"] is None
+    assert info["method"] == "r2former" and info["weights"] == "random"
+    assert info["random_init"] is True and info["seed"] == 0
     assert info["model_options"] == {"depth": 1, "img_size": [32, 32]}
     assert info["dataset_folder"] == str(dataset_folder) and info["split"] == "train"
     assert info["num_queries"] == 4 and info["num_dropped_queries"] == 1
@@ -295,65 +298,83 @@ def test_cli_options_reach_the_file(dataset_folder, tmp_path):
 def no_model(monkeypatch):
     """Fails if the model gets built: argument errors must come before any expensive work."""
 
-    def fail(*args, **kwargs):
-        raise AssertionError("the model was built before the arguments were checked")
+    from vprkit import cli_args
 
-    monkeypatch.setattr("vprkit.mine.create_model", fail)
+    build = cli_args.create_model
+
+    def fail(*args, **kwargs):
+        # The options are checked on a model on the meta device (no memory, no weights).
+        if torch.get_default_device().type != "meta":
+            raise AssertionError("the model was built before the arguments were checked")
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr("vprkit.cli_args.create_model", fail)
+
+
+def _refused(argv: list[str], capsys, status: int, match: str) -> None:
+    """`vprkit mine ARGV` fails with `status` and one line on stderr matching `match`."""
+    assert cli_main(argv) == status
+    # Progress bars may precede it (they end with a carriage return, not a newline).
+    lines = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if "error" in line]
+    assert len(lines) == 1 and lines[0].startswith("vprkit mine: error: "), lines
+    assert re.search(match, lines[0]), lines
 
 
 @pytest.mark.usefixtures("no_model")
 @pytest.mark.parametrize(
-    ("extra", "error", "match"),
+    ("extra", "status", "match"),
     [
-        (["--keep", "600"], ValueError, "keep=600 is larger than candidates=500"),
-        (["--candidates", "0"], ValueError, "candidates must be a positive integer"),
-        (["--keep", "-3"], ValueError, "keep must be a positive integer"),
-        (["--positive_radius", "0"], ValueError, "--positive_radius must be positive"),
-        (["--non_negative_radius", "5"], ValueError, "must be at least --positive_radius"),
-        (["--batch_size", "0"], ValueError, "--batch_size must be at least 1"),
-        (["--image_size", "1", "2", "3"], ValueError, "--image_size takes one"),
-        (["--method", "nope"], ValueError, "unknown --method 'nope'"),
+        (["--keep", "600"], 2, "--keep: 600 is larger than --candidates 500"),
+        (["--candidates", "0"], 2, "--candidates: expected a positive integer"),
+        (["--keep", "-3"], 2, "--keep: expected a positive integer"),
+        (["--positive_radius", "0"], 2, "--positive_radius.*expected a number > 0"),
+        (["--non_negative_radius", "5"], 2, "must be at least --positive_radius"),
+        (["--batch_size", "0"], 2, "--batch_size.*expected a positive integer"),
+        (["--image_size", "1", "2", "3"], 2, "--image_size.*takes one value"),
+        (["--method", "nope"], 2, "unknown method 'nope'"),
     ],
 )
-def test_bad_arguments(dataset_folder, tmp_path, extra, error, match):
-    with pytest.raises(error, match=match):
-        cli_main(mine_args(dataset_folder, tmp_path / "hn.npy", *extra))
+def test_bad_arguments(dataset_folder, tmp_path, capsys, extra, status, match):
+    _refused(mine_args(dataset_folder, tmp_path / "hn.npy", *extra), capsys, status, match)
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.usefixtures("no_model")
-def test_missing_dataset_folder(tmp_path):
+def test_missing_dataset_folder(tmp_path, capsys):
     missing = tmp_path / "nowhere"
-    with pytest.raises(
-        FileNotFoundError, match=re.escape(f"--dataset_folder {missing} does not exist")
-    ):
-        cli_main(mine_args(missing, tmp_path / "hn.npy"))
+    argv = mine_args(missing, tmp_path / "hn.npy")
+    _refused(
+        argv, capsys, 2, re.escape(f"--dataset_folder/--dataset-folder: no such folder: {missing}")
+    )
 
 
 @pytest.mark.usefixtures("no_model")
-def test_dataset_folder_without_a_train_split(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a Mapillary SLS root .* nor a VG dataset"):
-        cli_main(mine_args(tmp_path, tmp_path / "hn.npy"))
+def test_dataset_folder_without_a_train_split(tmp_path, capsys):
+    argv = mine_args(tmp_path, tmp_path / "hn.npy")
+    _refused(argv, capsys, 1, "neither a Mapillary SLS root .* nor a VG dataset")
 
 
 @pytest.mark.usefixtures("no_model")
-def test_output_folder_must_exist(dataset_folder, tmp_path):
+def test_output_folder_must_exist(dataset_folder, tmp_path, capsys):
     out = tmp_path / "missing" / "hn.npy"
-    with pytest.raises(
-        FileNotFoundError, match=re.escape(f"the folder {out.parent} does not exist")
-    ):
-        cli_main(mine_args(dataset_folder, out))
+    _refused(
+        mine_args(dataset_folder, out),
+        capsys,
+        1,
+        re.escape(f"the folder {out.parent} does not exist"),
+    )
     assert not out.parent.exists()
 
 
 @pytest.mark.usefixtures("no_model")
-def test_output_must_not_be_a_folder(dataset_folder, tmp_path):
-    with pytest.raises(IsADirectoryError, match=re.escape(f"--out {tmp_path} is a folder")):
-        cli_main(mine_args(dataset_folder, tmp_path))
+def test_output_must_not_be_a_folder(dataset_folder, tmp_path, capsys):
+    _refused(
+        mine_args(dataset_folder, tmp_path), capsys, 2, re.escape(f"--out: {tmp_path} is a folder")
+    )
 
 
 @pytest.mark.usefixtures("no_model")
-def test_output_folder_must_be_writable(dataset_folder, tmp_path, monkeypatch):
+def test_output_folder_must_be_writable(dataset_folder, tmp_path, monkeypatch, capsys):
     folder = tmp_path / "read_only"
     folder.mkdir()
     folder.chmod(0o500)
@@ -363,13 +384,12 @@ def test_output_folder_must_be_writable(dataset_folder, tmp_path, monkeypatch):
         os, "access", lambda p, mode: False if Path(p) == folder else real_access(p, mode)
     )
     try:
-        with pytest.raises(PermissionError, match="is not writable"):
-            cli_main(mine_args(dataset_folder, folder / "hn.npy"))
+        _refused(mine_args(dataset_folder, folder / "hn.npy"), capsys, 1, "is not writable")
     finally:
         folder.chmod(0o700)
 
 
-def test_failed_mining_leaves_an_existing_file_untouched(dataset_folder, tmp_path):
+def test_failed_mining_leaves_an_existing_file_untouched(dataset_folder, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(dataset_folder, broken)
     (broken / "images/train/database" / f"@{EAST0 + 1:.2f}@{NORTH0:.2f}@.png").write_bytes(
@@ -380,8 +400,7 @@ def test_failed_mining_leaves_an_existing_file_untouched(dataset_folder, tmp_pat
     out = out_dir / "hn.npy"
     out.write_bytes(b"old table")
     sidecar_path(out).write_text("old sidecar")
-    with pytest.raises(Exception, match="not an image|cannot (load|identify)"):
-        cli_main(mine_args(broken, out))
+    _refused(mine_args(broken, out), capsys, 1, "not an image|cannot (load|identify)")
     assert out.read_bytes() == b"old table"
     assert sidecar_path(out).read_text() == "old sidecar"
     assert sorted(p.name for p in out_dir.iterdir()) == ["hn.npy", "hn.npy.json"]

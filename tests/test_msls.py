@@ -566,6 +566,8 @@ def test_eval_reads_msls_and_writes_the_challenge_files(root: Path, tmp_path: Pa
         "eval",
         "--method",
         "dinov2_cls",
+        "--weights",
+        "random",
         "--model_option",
         "size='vits14'",
         "--model_option",

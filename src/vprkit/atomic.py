@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vprkit.errors import DiskFullError, disk_full, is_disk_full
+
 
 def _new_file_beside(path: Path) -> Path:
     """Create an empty, new `<name>.<random>.tmp` beside `path`. Its permissions are those
@@ -34,15 +36,34 @@ def _new_file_beside(path: Path) -> Path:
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside `path` to write to; renamed to `path` when the block
-    ends without error, deleted otherwise. The parent folder must exist."""
+    ends without error, deleted otherwise. The parent folder must exist.
+
+    A target that exists and is not a regular file (/dev/stdout, a pipe) is written in
+    place: renaming over it would replace the device. A full disk is a `DiskFullError`
+    naming `path`."""
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        with _disk_full_named(path):
+            yield path
+        return
     tmp = _new_file_beside(path)
     try:
-        yield tmp
+        with _disk_full_named(path):
+            yield tmp
         os.replace(tmp, path)
     except BaseException:
         with suppress(OSError):  # never hide the error that got us here
             tmp.unlink()
+        raise
+
+
+@contextmanager
+def _disk_full_named(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as err:
+        if is_disk_full(err) and not isinstance(err, DiskFullError):
+            raise disk_full(path) from err
         raise
 
 

@@ -14,10 +14,15 @@ from vprkit.cli_args import (
     add_dataset_arguments,
     add_extraction_arguments,
     add_model_arguments,
+    build_model,
+    check_model,
+    existing_dir,
+    non_negative_int,
+    positive_float,
+    positive_int,
     read_dataset,
 )
 from vprkit.extract import PRECISIONS
-from vprkit.models.registry import create_model, list_models
 from vprkit.pipeline.config import EvalConfig, size_option
 from vprkit.pipeline.evaluate import EvalResult, evaluate
 from vprkit.rerank import list_rerankers
@@ -28,21 +33,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataset_arguments(parser)
     run = add_extraction_arguments(parser)
     run.add_argument(
-        "--recall_values", "--recall-values", type=int, nargs="+", default=[1, 5, 10, 20, 100]
+        "--recall_values",
+        "--recall-values",
+        type=positive_int,
+        nargs="+",
+        default=[1, 5, 10, 20, 100],
+        metavar="N",
+        help="report Recall@N for these N (the VG benchmark's list)",
     )
-    run.add_argument("--pca_dim", "--pca-dim", type=int)
-    run.add_argument("--pca_dataset_folder", "--pca-dataset-folder", type=Path)
+    run.add_argument(
+        "--pca_dim",
+        "--pca-dim",
+        type=positive_int,
+        help="project descriptors to this many dimensions (with --pca_dataset_folder)",
+    )
+    run.add_argument(
+        "--pca_dataset_folder",
+        "--pca-dataset-folder",
+        type=existing_dir,
+        help="images the PCA is fitted on (up to 2**14, shuffled, as the official code)",
+    )
     run.add_argument(
         "--memory_budget_mb",
         "--memory-budget-mb",
-        type=float,
+        type=positive_float,
         help="bound the search's working memory (same ranking, slower)",
     )
     rerank = parser.add_argument_group("re-ranking (models with local features)")
     rerank.add_argument(
         "--rerank_num",
         "--rerank-num",
-        type=int,
+        type=non_negative_int,
         help="re-rank this many global candidates; default: the method's (100), 0 = off",
     )
     rerank.add_argument("--reranker", choices=list_rerankers(), help="default: the method's own")
@@ -69,15 +90,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="store local features in fp16 (half the disk; counts may differ slightly)",
     )
-    rerank.add_argument("--rerank_memory_mb", "--rerank-memory-mb", type=float)
     rerank.add_argument(
-        "--rerank_precision", "--rerank-precision", choices=sorted(PRECISIONS), default="fp32"
+        "--rerank_memory_mb",
+        "--rerank-memory-mb",
+        type=positive_float,
+        help="bound the re-ranker's working memory (same order, slower)",
+    )
+    rerank.add_argument(
+        "--rerank_precision",
+        "--rerank-precision",
+        choices=sorted(PRECISIONS),
+        default="fp32",
+        help="autocast precision of re-rankers that run a network (R2Former's)",
     )
     out = parser.add_argument_group("outputs")
-    out.add_argument("--save_dir", "--save-dir", type=Path, default=Path("runs"))
+    out.add_argument(
+        "--save_dir",
+        "--save-dir",
+        type=Path,
+        default=Path("runs"),
+        help="run folders go to SAVE_DIR/RUN_NAME/<timestamp>/",
+    )
     out.add_argument("--run_name", "--run-name", help="default: <method>_<dataset>")
-    out.add_argument("--num_preds_to_save", "--num-preds-to-save", type=int, default=0)
-    out.add_argument("--save_only_wrong_preds", "--save-only-wrong-preds", action="store_true")
+    out.add_argument(
+        "--num_preds_to_save",
+        "--num-preds-to-save",
+        type=non_negative_int,
+        default=0,
+        help="save a picture of each query with its first N predictions",
+    )
+    out.add_argument(
+        "--save_only_wrong_preds",
+        "--save-only-wrong-preds",
+        action="store_true",
+        help="pictures only of queries whose first prediction is wrong",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
@@ -111,15 +158,14 @@ def evaluate_args(args: argparse.Namespace) -> EvalResult:
     """`vprkit eval` on parsed flags: everything is checked before a model is built or a
     run folder made."""
     config = config_from_args(args)
-    if args.no_labels and args.ground_truth:
-        raise ValueError("--no_labels and --ground_truth contradict each other")
-    if args.method not in list_models():
-        raise ValueError(f"unknown --method {args.method!r}; known: {', '.join(list_models())}")
+    check_model(args)  # cheap: a bad flag is reported before the dataset is read
     dataset = read_dataset(args)  # before the run folder: a bad dataset leaves nothing behind
-    model = create_model(args.method, weights=args.weights, **dict(args.model_option))
+    model, weights = build_model(
+        args.method, args.weights, args.model_option, seed=args.seed, image_size=args.image_size
+    )
     record = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     record["_command"] = getattr(args, "_command", None)
-    return evaluate(model, dataset, config, weights=args.weights, record=record)
+    return evaluate(model, dataset, config, weights=weights, record=record)
 
 
 def run(args: argparse.Namespace) -> int:

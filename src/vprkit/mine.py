@@ -29,11 +29,23 @@ import numpy as np
 import torch
 
 from vprkit.atomic import save_npy, write_text
-from vprkit.cli_args import add_model_arguments, make_preprocess
+from vprkit.cli_args import (
+    ImageSize,
+    add_model_arguments,
+    build_model,
+    check_model,
+    device,
+    existing_dir,
+    make_preprocess,
+    non_negative_int,
+    output_file,
+    positive_float,
+    positive_int,
+)
 from vprkit.data.images import Preprocess
 from vprkit.data.triplets import TripletData, load_triplet_data
+from vprkit.errors import MissingInputError, UsageError
 from vprkit.extract import PRECISIONS, extract_global_descriptors
-from vprkit.models.registry import create_model, list_models
 from vprkit.retrieval.search import search
 
 __all__ = ["hard_negatives_from_descriptors", "mine_hard_negatives", "sidecar_path"]
@@ -144,7 +156,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--dataset_folder",
         "--dataset-folder",
-        type=Path,
+        type=existing_dir,
         required=True,
         help="VG-format dataset or Mapillary SLS root",
     )
@@ -157,28 +169,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--positive_radius",
         "--positive-radius",
-        type=float,
+        type=positive_float,
         default=10.0,
         help="queries without a database image this close (m) are dropped, as in training",
     )
     data.add_argument(
         "--non_negative_radius",
         "--non-negative-radius",
-        type=float,
+        type=positive_float,
         default=25.0,
         help="database images this close (m) to a query are never its negatives",
     )
     mining = parser.add_argument_group("mining")
-    mining.add_argument("--out", type=Path, required=True, help="the .npy file to write")
+    mining.add_argument("--out", type=output_file, required=True, help="the .npy file to write")
     mining.add_argument(
         "--candidates",
-        type=int,
+        type=positive_int,
         default=DEFAULT_CANDIDATES,
         help="nearest database images looked at per query (all, if the database is smaller)",
     )
     mining.add_argument(
         "--keep",
-        type=int,
+        type=positive_int,
         default=DEFAULT_KEEP,
         help="hard negatives kept per query (columns of the file; -1 pads shorter rows)",
     )
@@ -186,57 +198,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_group.add_argument(
         "--image_size",
         "--image-size",
-        type=int,
+        type=positive_int,
         nargs="+",
+        action=ImageSize,
         metavar="N",
         help="H W, or the short side; default: the model's (480 640 for r2former)",
     )
-    run_group.add_argument("--batch_size", "--batch-size", type=int, default=16)
-    run_group.add_argument("--num_workers", "--num-workers", type=int, default=2)
-    run_group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    run_group.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    run_group.add_argument(
+        "--batch_size",
+        "--batch-size",
+        type=positive_int,
+        default=16,
+        help="images per forward pass (R2Former's pre_compute_mining.py: 16)",
+    )
+    run_group.add_argument(
+        "--num_workers",
+        "--num-workers",
+        type=non_negative_int,
+        default=2,
+        help="image-loading processes (0: in this process)",
+    )
+    run_group.add_argument(
+        "--device",
+        type=device,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda or cuda:N",
+    )
+    run_group.add_argument(
+        "--precision",
+        choices=sorted(PRECISIONS),
+        default="fp32",
+        help="autocast precision of the forward passes",
+    )
     run_group.add_argument(
         "--memory_budget_mb",
         "--memory-budget-mb",
-        type=float,
+        type=positive_float,
         help="bound the search's working memory (same result, slower)",
     )
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    """Everything that can be checked without reading images or building the model."""
-    _check_counts(args.candidates, args.keep)
-    if not args.positive_radius > 0:
-        raise ValueError(f"--positive_radius must be positive, got {args.positive_radius}")
+    """What argparse's types cannot check (flags together, the output's folder), before
+    any image is read or the model built."""
+    if args.keep > args.candidates:
+        raise UsageError(
+            f"argument --keep: {args.keep} is larger than --candidates {args.candidates}: at "
+            "most the candidates can be kept"
+        )
     if not args.non_negative_radius >= args.positive_radius:
         # A positive outside the non-negatives could also be mined as a negative.
-        raise ValueError(
-            f"--non_negative_radius ({args.non_negative_radius}) must be at least "
+        raise UsageError(
+            f"argument --non_negative_radius: {args.non_negative_radius} must be at least "
             f"--positive_radius ({args.positive_radius})"
         )
-    if args.batch_size < 1:
-        raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
-    if args.num_workers < 0:
-        raise ValueError(f"--num_workers must be 0 or more, got {args.num_workers}")
-    if args.memory_budget_mb is not None and not args.memory_budget_mb > 0:
-        raise ValueError(f"--memory_budget_mb must be positive, got {args.memory_budget_mb}")
-    if args.image_size is not None and (
-        len(args.image_size) not in (1, 2) or min(args.image_size) < 1
-    ):
-        raise ValueError(
-            f"--image_size takes one positive value (short side) or two (H W), got "
-            f"{args.image_size}"
-        )
-    if args.method not in list_models():
-        raise ValueError(f"unknown --method {args.method!r}; known: {', '.join(list_models())}")
-    folder = Path(os.path.abspath(args.dataset_folder))
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--dataset_folder {folder} does not exist or is not a folder")
     out = Path(os.path.abspath(args.out))
-    if out.is_dir():
-        raise IsADirectoryError(f"--out {out} is a folder; give the .npy file to write")
     if not out.parent.is_dir():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"--out: the folder {out.parent} does not exist (or is not a folder); create it first"
         )
     if not os.access(out.parent, os.W_OK | os.X_OK):
@@ -265,6 +283,7 @@ def _version() -> str | None:
 def mine(args: argparse.Namespace) -> np.ndarray:
     """`vprkit mine` without the logging setup: checks, mines, writes; returns the table."""
     _check_args(args)
+    check_model(args)  # before the dataset is read
     out = Path(os.path.abspath(args.out))
     data = load_triplet_data(
         args.dataset_folder,
@@ -283,14 +302,13 @@ def mine(args: argparse.Namespace) -> np.ndarray:
         args.positive_radius,
     )
     options = dict(args.model_option)
-    model = create_model(args.method, weights=args.weights, **options)
+    model, weights = build_model(
+        args.method, args.weights, args.model_option, seed=args.seed, image_size=args.image_size
+    )
+    args.weights = weights  # the sidecar records the weights used, the default included
     preprocess = make_preprocess(model, args.image_size)
     log.info(
-        "model: %s %s, weights: %s; %r",
-        args.method,
-        options or "",
-        args.weights or "random init",
-        preprocess,
+        "model: %s %s, weights: %s; %r", args.method, options or "", weights or "none", preprocess
     )
     start = time.perf_counter()
     table = mine_hard_negatives(
@@ -343,6 +361,8 @@ def _sidecar(args, out: Path, table, data, preprocess, short: int, fewest: int) 
         "method": args.method,
         "model_options": dict(args.model_option),
         "weights": None if args.weights is None else str(args.weights),
+        "random_init": args.weights == "random",
+        "seed": args.seed,
         "dataset_folder": str(Path(os.path.abspath(args.dataset_folder))),
         "split": args.split,
         "msls_cities": args.msls_cities,

@@ -16,16 +16,28 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from vprkit.atomic import write_text
 from vprkit.cli_args import (
+    RANDOM,
     add_dataset_arguments,
     add_extraction_arguments,
     add_model_arguments,
+    build_model,
+    check_model,
+    device,
+    existing_dir,
+    existing_file,
     make_preprocess,
+    output_file,
+    positive_float,
+    positive_int,
     read_dataset,
+    weights_option,
 )
 from vprkit.data.datasets import read_images_paths
-from vprkit.errors import VprkitError
+from vprkit.errors import UsageError, VprkitError
 from vprkit.extract import PRECISIONS
 from vprkit.models.registry import create_model, model_info
 from vprkit.pipeline import (
@@ -52,7 +64,9 @@ SIDES = ("database", "queries")
 def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     source = parser.add_argument_group("images: one folder, or a dataset's two sides")
-    source.add_argument("--images", type=Path, help="a folder of images (searched recursively)")
+    source.add_argument(
+        "--images", type=existing_dir, help="a folder of images (searched recursively)"
+    )
     add_dataset_arguments(parser)
     run = add_extraction_arguments(parser)
     run.add_argument(
@@ -76,7 +90,10 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_extract(args: argparse.Namespace) -> int:
     if args.images is not None and (args.dataset_folder or args.database_folder):
-        raise VprkitError("give either --images or a dataset (--dataset_folder, ...), not both")
+        raise UsageError(
+            "argument --images: give either --images or a dataset (--dataset_folder, ...), not both"
+        )
+    check_model(args)  # cheap: a bad flag is reported before the images are listed
     if args.images is not None:
         jobs = [("images", read_images_paths(args.images), args.images, args.out)]
     else:
@@ -87,7 +104,9 @@ def run_extract(args: argparse.Namespace) -> int:
                 SIDES, (dataset.database_paths, dataset.query_paths), strict=True
             )
         ]
-    model = create_model(args.method, weights=args.weights, **dict(args.model_option))
+    model, weights = build_model(
+        args.method, args.weights, args.model_option, seed=args.seed, image_size=args.image_size
+    )
     info = model_info(model)
     preprocess = make_preprocess(model, args.image_size)
     batch_size = args.infer_batch_size or info.eval_batch_size(
@@ -109,7 +128,7 @@ def run_extract(args: argparse.Namespace) -> int:
             num_workers=args.num_workers,
             device=args.device,
             precision=args.precision,
-            weights=args.weights,
+            weights=weights,
             label=side,
             on_compute=lambda done=computed: done.append(True),
         )
@@ -127,41 +146,54 @@ def run_extract(args: argparse.Namespace) -> int:
 
 def add_features_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--features", type=Path, help="a dataset's features folder (database/ and queries/)"
+        "--features",
+        type=existing_dir,
+        help="a dataset's features folder (database/ and queries/), from vprkit extract",
     )
-    parser.add_argument("--database", type=Path, help="the database's features folder")
-    parser.add_argument("--queries", type=Path, help="the queries' features folder")
+    parser.add_argument("--database", type=existing_dir, help="the database's features folder")
+    parser.add_argument("--queries", type=existing_dir, help="the queries' features folder")
 
 
 def read_sides(args: argparse.Namespace):
     if args.features is not None:
         if args.database or args.queries:
-            raise VprkitError("give either --features or --database and --queries, not both")
+            raise UsageError(
+                "argument --features: give either --features or --database and --queries, not both"
+            )
         folders = (args.features / "database", args.features / "queries")
     elif args.database and args.queries:
         folders = (args.database, args.queries)
     else:
-        raise VprkitError("give --features FOLDER, or both --database and --queries")
+        raise UsageError(
+            "argument --features: give --features FOLDER, or both --database and --queries"
+        )
     return load_features(folders[0]), load_features(folders[1])
 
 
 def add_retrieve_arguments(parser: argparse.ArgumentParser) -> None:
     add_features_arguments(parser)
-    parser.add_argument("-k", "--num_candidates", "--num-candidates", type=int, default=100)
-    parser.add_argument("--pca", type=Path, help="a PCA .npz (vprkit eval --pca_dim writes one)")
+    parser.add_argument(
+        "-k",
+        "--num_candidates",
+        "--num-candidates",
+        type=positive_int,
+        default=100,
+        help="database candidates kept per query (R2Former re-ranks the top 100)",
+    )
+    parser.add_argument(
+        "--pca", type=existing_file, help="a PCA .npz (vprkit eval --pca_dim writes one)"
+    )
     parser.add_argument(
         "--memory_budget_mb",
         "--memory-budget-mb",
-        type=float,
+        type=positive_float,
         help="bound the search's working memory (same ranking, slower)",
     )
-    parser.add_argument("--out", type=Path, required=True, help="predictions file (.npz)")
-    parser.add_argument("--pairs", type=Path, help="also write hloc-style pairs text here")
+    parser.add_argument("--out", type=output_file, required=True, help="predictions file (.npz)")
+    parser.add_argument("--pairs", type=output_file, help="also write hloc-style pairs text here")
 
 
 def run_retrieve(args: argparse.Namespace) -> int:
-    if args.num_candidates < 1:
-        raise VprkitError(f"--num_candidates must be at least 1, got {args.num_candidates}")
     database, queries = read_sides(args)
     pca = load_pca(args.pca) if args.pca else None
     budget = None if args.memory_budget_mb is None else int(args.memory_budget_mb * 2**20)
@@ -180,10 +212,15 @@ def run_retrieve(args: argparse.Namespace) -> int:
 
 def add_rerank_arguments(parser: argparse.ArgumentParser) -> None:
     add_features_arguments(parser)
-    parser.add_argument("--predictions", type=Path, required=True, help="from vprkit retrieve")
+    parser.add_argument(
+        "--predictions", type=existing_file, required=True, help="from vprkit retrieve"
+    )
     parser.add_argument("--reranker", choices=list_rerankers(), help="default: the method's own")
     parser.add_argument(
-        "--rerank_num", "--rerank-num", type=int, help="default: the method's (100)"
+        "--rerank_num",
+        "--rerank-num",
+        type=positive_int,
+        help="re-rank this many candidates; default: the method's (R2Former and SelaVPR: 100)",
     )
     parser.add_argument(
         "--tie_order",
@@ -194,16 +231,26 @@ def add_rerank_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--weights",
+        type=weights_option,
         help="the model's weights, for re-rankers inside the model (R2Former); default: "
         "those the features were extracted with",
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument(
-        "--rerank_precision", "--rerank-precision", choices=sorted(PRECISIONS), default="fp32"
+        "--rerank_precision",
+        "--rerank-precision",
+        choices=sorted(PRECISIONS),
+        default="fp32",
+        help="autocast precision of re-rankers that run a network (R2Former's)",
     )
-    parser.add_argument("--rerank_memory_mb", "--rerank-memory-mb", type=float)
-    parser.add_argument("--out", type=Path, required=True, help="predictions file (.npz)")
-    parser.add_argument("--pairs", type=Path, help="also write hloc-style pairs text here")
+    parser.add_argument(
+        "--rerank_memory_mb",
+        "--rerank-memory-mb",
+        type=positive_float,
+        help="bound the re-ranker's working memory (same order, slower)",
+    )
+    parser.add_argument("--out", type=output_file, required=True, help="predictions file (.npz)")
+    parser.add_argument("--pairs", type=output_file, help="also write hloc-style pairs text here")
 
 
 def model_of_features(features, weights: str | None):
@@ -211,7 +258,11 @@ def model_of_features(features, weights: str | None):
     (re-rankers that are part of a model need the same weights)."""
     made = features.fingerprint["model"]
     weights = weights or features.record.get("weights")
-    model = create_model(made["name"], weights=weights, **made["options"])
+    if weights == RANDOM:  # rebuilt from the seed it was made with
+        torch.manual_seed(features.record.get("seed", 0))
+        model = create_model(made["name"], **made["options"])
+    else:
+        model = create_model(made["name"], weights=weights, **made["options"])
     if state_sha256(model) != made["state_sha256"]:
         raise VprkitError(
             f"{features.folder}: extracted with other weights than {weights or 'a random init'}"
@@ -227,9 +278,10 @@ def run_rerank(args: argparse.Namespace) -> int:
     reranker = args.reranker or info.reranker
     depth = info.rerank_num if args.rerank_num is None else args.rerank_num
     if reranker is None:
-        raise VprkitError("the method has no re-ranker of its own: choose --reranker")
-    if depth < 1:
-        raise VprkitError(f"--rerank_num must be at least 1, got {depth}")
+        raise UsageError(
+            f"argument --reranker: {queries.fingerprint['model']['name']} has no re-ranker of "
+            f"its own: choose --reranker ({', '.join(list_rerankers())})"
+        )
     needs_model = reranker in ("r2former",)
     model = model_of_features(queries, args.weights) if needs_model else None
     budget = None if args.rerank_memory_mb is None else int(args.rerank_memory_mb * 2**20)
@@ -256,12 +308,23 @@ def run_rerank(args: argparse.Namespace) -> int:
 
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--predictions", type=Path, required=True)
+    parser.add_argument(
+        "--predictions",
+        type=existing_file,
+        required=True,
+        help="predictions file (.npz) from vprkit retrieve or rerank",
+    )
     add_dataset_arguments(parser)
     parser.add_argument(
-        "--recall_values", "--recall-values", type=int, nargs="+", default=[1, 5, 10, 20, 100]
+        "--recall_values",
+        "--recall-values",
+        type=positive_int,
+        nargs="+",
+        default=[1, 5, 10, 20, 100],
+        metavar="N",
+        help="report Recall@N for these N (the VG benchmark's list)",
     )
-    parser.add_argument("--out", type=Path, help="write the metrics here as JSON")
+    parser.add_argument("--out", type=output_file, help="write the metrics here as JSON")
 
 
 def run_score(args: argparse.Namespace) -> int:

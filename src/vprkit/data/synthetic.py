@@ -1893,43 +1893,65 @@ def raw_pixel_recall(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``vprkit synth``."""
+    """Arguments of ``vprkit synth``, each checked when parsed (the ranges of SynthConfig)."""
+    from vprkit.cli_args import float_range, int_range, positive_int
+
     d = SynthConfig()
     add = parser.add_argument
     add("out_dir", metavar="OUT_DIR", help="new (or empty) output folder")
     add("--seed", type=int, default=d.seed, help="same seed and arguments: same bytes")
     add(
         "--image_size",
-        type=int,
+        type=int_range(8),
         nargs=2,
         default=list(d.image_size),
         metavar=("H", "W"),
-        help="image height and width",
+        help="image height and width (at least 8)",
     )
-    add("--train_places", type=int, default=d.train_places, help="GSV-Cities training places")
-    add("--images_per_place", type=int, default=d.images_per_place, help="images per place (>= 4)")
-    add("--val_queries", type=int, default=d.val_queries, help="VG val queries")
-    add("--test_queries", type=int, default=d.test_queries, help="VG test queries")
+    add(
+        "--train_places",
+        type=int_range(0, 10**5 - 1),
+        default=d.train_places,
+        help="GSV-Cities training places",
+    )
+    add(
+        "--images_per_place",
+        type=int_range(4),
+        default=d.images_per_place,
+        help="images per place (GSV-Cities keeps places with 4+)",
+    )
+    add("--val_queries", type=int_range(0), default=d.val_queries, help="VG val queries")
+    add("--test_queries", type=int_range(0), default=d.test_queries, help="VG test queries")
     add(
         "--difficulty",
         choices=sorted(DIFFICULTIES),
         default=d.difficulty,
         help="preset for viewpoint, condition, occlusion and aliasing ranges",
     )
-    add("--eval_streets", type=int, default=d.eval_streets, help="streets in each of val and test")
+    add(
+        "--eval_streets",
+        type=positive_int,
+        default=d.eval_streets,
+        help="streets in each of val and test",
+    )
     add(
         "--vg_train_queries",
-        type=int,
+        type=int_range(0),
         default=d.vg_train_queries,
         help="queries of a VG train split from streets of its own (0: no VG train split)",
     )
     add(
         "--vg_train_streets",
-        type=int,
+        type=positive_int,
         default=d.vg_train_streets,
         help="streets of the VG train split",
     )
-    add("--db_spacing", type=float, default=d.db_spacing, help="metres between database images")
+    add(
+        "--db_spacing",
+        type=float_range(0.5, 20.0),
+        default=d.db_spacing,
+        help="metres between database images, in [0.5, 20] (positives are within 25 m)",
+    )
     add(
         "--db_headings",
         type=int,
@@ -1939,27 +1961,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--place_spacing",
-        type=float,
+        type=float_range(1e-3),
         default=d.place_spacing,
         help="metres between training places",
     )
-    add("--hfov", type=float, default=d.hfov_deg, help="horizontal field of view, degrees")
-    add("--n_styles", type=int, default=d.n_styles, help="facade style vocabulary size")
-    add("--city", default=d.city, help="GSV-Cities city name")
-    add("--vg_name", default=d.vg_name, help="VG dataset folder name")
-    add("--jpeg_quality", type=int, default=d.jpeg_quality, help="JPEG quality")
+    add(
+        "--hfov",
+        type=float_range(20.0, 120.0),
+        default=d.hfov_deg,
+        help="horizontal field of view, degrees, in [20, 120]",
+    )
+    add("--n_styles", type=positive_int, default=d.n_styles, help="facade style vocabulary size")
+    add("--city", default=d.city, help="GSV-Cities city name (letters and digits)")
+    add("--vg_name", default=d.vg_name, help="VG dataset folder name (letters, digits, _)")
+    add(
+        "--jpeg_quality",
+        type=int_range(1, 100),
+        default=d.jpeg_quality,
+        help="JPEG quality, in [1, 100]",
+    )
     add(
         "--num_workers",
-        type=int,
+        type=positive_int,
         default=min(8, os.cpu_count() or 1),
         help="processes (the output does not depend on it)",
     )
     g = parser.add_argument_group("difficulty overrides (default: the --difficulty preset's value)")
+    knobs = {
+        "lateral_m": "max lateral offset (m) of a query/training view from the reference track",
+        "forward_m": "max forward offset (m) between images of one training place",
+        "yaw_deg": "max yaw change, degrees",
+        "pitch_deg": "max pitch, degrees",
+        "height_range": "camera height above ground (m), low and high",
+        "p_dusk": "probability of dusk, in [0, 1]",
+        "p_night": "probability of night, in [0, 1]",
+        "p_season": "probability that the season differs from the database's summer",
+        "p_fog": "probability of fog, in [0, 1]",
+        "fog_max": "max fog density (1/m); visibility is about 3 / density",
+        "color_cast": "max per-channel gain deviation",
+        "exposure": "max exposure deviation",
+        "contrast_range": "contrast factor, low and high",
+        "blur_max": "max Gaussian blur sigma, in pixels at 224 px width",
+        "noise_max": "max sensor noise sigma (0..1 intensity)",
+        "max_occluders": "max occluders (cars, people) per image",
+        "unique_details": "unique details per facade: fewer means more perceptual aliasing",
+    }
     for f in dataclasses.fields(Difficulty):
+        # Probabilities in [0, 1]; every other knob a non-negative amount.
+        number = float_range(0.0, 1.0) if f.name.startswith("p_") else float_range(0.0)
         if f.name.endswith("_range"):
-            g.add_argument(f"--{f.name}", type=float, nargs=2, default=None, metavar=("LO", "HI"))
+            g.add_argument(
+                f"--{f.name}",
+                type=float_range(0.0),
+                nargs=2,
+                default=None,
+                metavar=("LO", "HI"),
+                help=knobs.get(f.name, f.name),
+            )
         else:
-            g.add_argument(f"--{f.name}", type=int if f.type == "int" else float, default=None)
+            g.add_argument(
+                f"--{f.name}",
+                type=int_range(0) if f.type == "int" else number,
+                default=None,
+                help=knobs.get(f.name, f.name),
+            )
 
 
 def run(args: argparse.Namespace) -> int:

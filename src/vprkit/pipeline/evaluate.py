@@ -26,7 +26,7 @@ from torch import nn
 
 from vprkit.data.datasets import PlaceDataset, read_images_paths
 from vprkit.data.images import Preprocess
-from vprkit.errors import VprkitError
+from vprkit.errors import VprkitError, disk_full, is_disk_full
 from vprkit.extract import save_descriptors
 from vprkit.models.registry import model_info
 from vprkit.pipeline.config import EvalConfig
@@ -41,6 +41,8 @@ from vprkit.retrieval.metrics import format_recalls
 from vprkit.retrieval.search import fit_pca
 
 log = logging.getLogger("vprkit.eval")
+
+RANDOM = "random"  # weights="random": an explicit random initialization (`--weights random`)
 
 
 @dataclass
@@ -199,11 +201,21 @@ def evaluate(
         result.run_dir = final_dir
         print(f"Results saved in {final_dir}")
         return result
-    except BaseException:
-        log.exception("evaluation failed; partial outputs left in %s", run_dir)
+    except BaseException as err:
+        expected = isinstance(err, KeyboardInterrupt | VprkitError) or is_disk_full(err)
+        if expected:  # the command line says what happened in one line: no traceback here
+            log.info("evaluation stopped (%s); partial outputs left in %s", _reason(err), run_dir)
+        else:
+            log.exception("evaluation failed; partial outputs left in %s", run_dir)
         handler.close()
         log.removeHandler(handler)
+        if is_disk_full(err) and not isinstance(err, VprkitError):
+            raise disk_full(err.filename or run_dir) from err
         raise
+
+
+def _reason(err: BaseException) -> str:
+    return "interrupted" if isinstance(err, KeyboardInterrupt) else str(err).splitlines()[0]
 
 
 def _peak_memory_mib() -> float:
@@ -243,6 +255,12 @@ class _RunContext:
         log.info(
             "model: %s %s, weights: %s", self.method, options or "", self.weights or "random init"
         )
+        if self.weights == RANDOM:
+            log.warning(
+                "warning: random weights (--weights random, --seed %s): the figures are those "
+                "of an untrained network",
+                self.record.get("seed", "not set"),
+            )
         log.info("preprocessing: %r", self.preprocess)
         log.info(
             "protocol: database and queries encoded separately, in sorted order, batches of %d "
@@ -379,6 +397,7 @@ class _RunContext:
         return {
             "method": self.method,
             "weights": None if self.weights is None else str(self.weights),
+            "random_init": self.weights == RANDOM,
             "dataset": self.dataset.name,
             "num_database": len(database),
             "num_queries": num_queries,

@@ -122,6 +122,8 @@ def extract(
         )
         record = {
             **fp.weights_record(weights),
+            # A random initialization is rebuilt from its seed (vprkit rerank needs the model).
+            **({"seed": model.vprkit_seed} if hasattr(model, "vprkit_seed") else {}),
             "device": device,
             "vprkit_version": vprkit.__version__,
             "root": None if root is None else str(root),

@@ -51,6 +51,8 @@ def weights_record(weights: str | os.PathLike | None) -> dict:
     """How the weights were named, and the file's sha256 when they were a file."""
     if weights is None:
         return {"weights": None}
+    if str(weights) == "random":  # `--weights random`: an explicit random initialization
+        return {"weights": "random", "random_init": True}
     record: dict = {"weights": str(weights)}
     if Path(weights).is_file():
         record["weights_file_sha256"] = file_sha256(weights)

@@ -64,11 +64,23 @@ def load_predictions(path: str | os.PathLike) -> Predictions:
     if not path.is_file():
         raise VprkitError(f"{path}: no such predictions file; make one with vprkit retrieve")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise VprkitError(f"{path}: not a vprkit predictions file ({e})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):  # e.g. a features folder's global.npy
+        raise VprkitError(
+            f"{path}: a plain .npy array, not a predictions file (.npz); give the file "
+            "vprkit retrieve or vprkit rerank wrote"
+        )
+    try:
+        with data:
             meta = json.loads(str(data["meta"]))
             arrays = {k: data[k] for k in data.files if k != "meta"}
     except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
-        raise VprkitError(f"{path}: not a vprkit predictions file ({e})") from None
+        raise VprkitError(
+            f"{path}: not a vprkit predictions file ({e}); give the file vprkit retrieve or "
+            "vprkit rerank wrote"
+        ) from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise VprkitError(f"{path}: not a {FORMAT} version {VERSION} file")
     return Predictions(

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from vprkit.errors import StageMismatchError
 from vprkit.pipeline.features import Features
 from vprkit.pipeline.fingerprint import digest
 from vprkit.pipeline.predictions import Predictions, reuse_or_none
@@ -34,6 +35,7 @@ def retrieve(
     evaluation). `memory_budget_bytes` bounds the search's working memory (same ranking).
     `out`: a predictions file to write, or to reuse when it exists with the same inputs.
     """
+    _check_same_model(database, queries)
     k = min(int(k), len(database))
     wanted = {
         "stage": "retrieve",
@@ -62,6 +64,23 @@ def retrieve(
     if out is not None:
         predictions.save(out)
     return predictions
+
+
+def _check_same_model(database: Features, queries: Features) -> None:
+    """Both sides from one model: descriptors of two models cannot be compared."""
+    db_model, q_model = (f.fingerprint.get("model") for f in (database, queries))
+    if db_model and q_model and db_model != q_model:
+        raise StageMismatchError(
+            f"the database features ({database.folder or 'in memory'}) and the query features "
+            f"({queries.folder or 'in memory'}) were made by different models "
+            f"({db_model['name']} and {q_model['name']}, or other options or weights): "
+            "extract both sides with the same --method, --model_option and --weights"
+        )
+    if database.global_desc.shape[1] != queries.global_desc.shape[1]:
+        raise StageMismatchError(
+            f"the database descriptors are {database.global_desc.shape[1]}-D, the queries' "
+            f"{queries.global_desc.shape[1]}-D: extract both sides with the same model"
+        )
 
 
 def pca_digest(pca: PCAProjection) -> dict:
