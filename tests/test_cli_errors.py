@@ -313,6 +313,12 @@ ROWS = [
     # synth, mine, train, demo, weights, models
     (["synth", "{out}", "--p_fog", "2"], 2, "--p_fog"),
     (["synth", "{out}", "--image_size", "4", "4"], 2, "--image_size"),
+    (["synth", "{out}", "--city", "a b"], 1, "--city must be letters and digits"),
+    (
+        ["score", "--predictions", "{synth_used}/something", "--dataset_folder", "{vg}"],
+        1,
+        "not a vprkit",
+    ),
     (
         [
             "synth",

@@ -391,7 +391,10 @@ def _request(url: str, part: Path, timeout: float) -> tuple[http.client.HTTPResp
         ) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
-        raise DownloadError(f"download of {url} failed: {reason}{_resume_hint(part)}") from None
+        raise DownloadError(
+            f"download of {url} failed: {reason}{_resume_hint(part)}; check the network, or "
+            f"fetch the file yourself and give it as --weights FILE"
+        ) from None
 
 
 def _start_of_body(

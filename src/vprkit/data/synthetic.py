@@ -46,6 +46,7 @@ from PIL import Image, ImageFilter
 from vprkit.atomic import atomic_path, write_text
 from vprkit.data.datasets import parse_utm
 from vprkit.data.gsv_cities import GSV_COLUMNS, gsv_image_name
+from vprkit.errors import VprkitError
 
 FORMAT_VERSION = 1
 
@@ -174,49 +175,52 @@ class SynthConfig:
     def __post_init__(self) -> None:
         h, w = self.image_size
         if h < 8 or w < 8:
-            raise ValueError(f"image_size must be at least 8x8, got {self.image_size}")
+            raise VprkitError(f"image_size must be at least 8x8, got {self.image_size}")
         if self.images_per_place < 4:
-            raise ValueError(
+            raise VprkitError(
                 f"images_per_place must be >= 4 (GSV-Cities keeps places with 4+ images), "
                 f"got {self.images_per_place}"
             )
         if self.train_places < 0 or self.val_queries < 0 or self.test_queries < 0:
-            raise ValueError("train_places, val_queries and test_queries must be >= 0")
+            raise VprkitError("train_places, val_queries and test_queries must be >= 0")
         if self.train_places >= 10**5:
-            raise ValueError("train_places must be < 100000 (GSV-Cities place id convention)")
+            raise VprkitError("train_places must be < 100000 (GSV-Cities place id convention)")
         if self.eval_streets < 1:
-            raise ValueError(f"eval_streets must be >= 1, got {self.eval_streets}")
+            raise VprkitError(f"eval_streets must be >= 1, got {self.eval_streets}")
         if self.vg_train_queries < 0:
-            raise ValueError(f"vg_train_queries must be >= 0, got {self.vg_train_queries}")
+            raise VprkitError(f"vg_train_queries must be >= 0, got {self.vg_train_queries}")
         if self.vg_train_streets < 1:
-            raise ValueError(f"vg_train_streets must be >= 1, got {self.vg_train_streets}")
+            raise VprkitError(f"vg_train_streets must be >= 1, got {self.vg_train_streets}")
         if not 0.5 <= self.db_spacing <= 20.0:
-            raise ValueError(
+            raise VprkitError(
                 f"db_spacing must be in [0.5, 20] m (positives within 25 m), got {self.db_spacing}"
             )
         if self.db_headings not in (1, 2):
-            raise ValueError(f"db_headings must be 1 or 2, got {self.db_headings}")
+            raise VprkitError(f"db_headings must be 1 or 2, got {self.db_headings}")
         if self.place_spacing <= 0:
-            raise ValueError(f"place_spacing must be > 0, got {self.place_spacing}")
+            raise VprkitError(f"place_spacing must be > 0, got {self.place_spacing}")
         if not 20.0 <= self.hfov_deg <= 120.0:
-            raise ValueError(f"hfov_deg must be in [20, 120], got {self.hfov_deg}")
+            raise VprkitError(f"hfov_deg must be in [20, 120], got {self.hfov_deg}")
         if self.difficulty not in DIFFICULTIES:
-            raise ValueError(f"difficulty must be one of {sorted(DIFFICULTIES)}")
+            raise VprkitError(f"difficulty must be one of {sorted(DIFFICULTIES)}")
         if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+            raise VprkitError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
         if not self.city.isalnum() or not self.vg_name.replace("_", "").isalnum():
-            raise ValueError("city must be alphanumeric and vg_name alphanumeric or '_'")
+            raise VprkitError(
+                f"--city must be letters and digits only, got {self.city!r}; --vg_name letters, "
+                f"digits or '_', got {self.vg_name!r}"
+            )
 
     @classmethod
     def create(cls, difficulty: str = "medium", **overrides: Any) -> SynthConfig:
         """Config for a difficulty preset, with Difficulty fields (e.g. ``yaw_deg``) overridable."""
         if difficulty not in DIFFICULTIES:
-            raise ValueError(f"difficulty must be one of {sorted(DIFFICULTIES)}: {difficulty!r}")
+            raise VprkitError(f"difficulty must be one of {sorted(DIFFICULTIES)}: {difficulty!r}")
         names = {f.name for f in dataclasses.fields(Difficulty)}
         diff_over = {k: overrides.pop(k) for k in list(overrides) if k in names}
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown synthetic config fields: {sorted(unknown)}")
+            raise VprkitError(f"unknown synthetic config fields: {sorted(unknown)}")
         params = dataclasses.replace(DIFFICULTIES[difficulty], **diff_over)
         return cls(difficulty=difficulty, params=params, **overrides)
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vprkit.errors import VprkitError
+
 
 @dataclass(frozen=True)
 class ViTConfig:
@@ -322,9 +324,10 @@ class VisionTransformer(nn.Module):
     def layout_for(self, height: int, width: int) -> TokenLayout:
         p = self.cfg.patch_size
         if height % p or width % p:
-            raise ValueError(
-                f"input size {height}x{width} is not a multiple of the patch size {p}; "
-                f"resize to e.g. {height // p * p}x{width // p * p}"
+            raise VprkitError(
+                f"input size {height}x{width} is not a multiple of the patch size {p}; resize "
+                f"to e.g. {height // p * p}x{width // p * p} (--image_size {height // p * p} "
+                f"{width // p * p}: with one value, the long side follows each photo's shape)"
             )
         return TokenLayout(self.cfg.num_prefix_tokens, (height // p, width // p))
 

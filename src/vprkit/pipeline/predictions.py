@@ -65,8 +65,11 @@ def load_predictions(path: str | os.PathLike) -> Predictions:
         raise VprkitError(f"{path}: no such predictions file; make one with vprkit retrieve")
     try:
         data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise VprkitError(f"{path}: not a vprkit predictions file ({e})") from None
+    except (ValueError, OSError):  # numpy's message would advise unpickling: not here
+        raise VprkitError(
+            f"{path}: not a vprkit predictions file (.npz); give the file vprkit retrieve or "
+            "vprkit rerank wrote"
+        ) from None
     if not isinstance(data, np.lib.npyio.NpzFile):  # e.g. a features folder's global.npy
         raise VprkitError(
             f"{path}: a plain .npy array, not a predictions file (.npz); give the file "
