@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
+        _close_progress_bars()
         print(
             f"{prog}: interrupted (Ctrl-C); finished files are intact, the output being "
             "written is left marked unfinished (.incomplete, .partial or .tmp)",
@@ -109,10 +110,19 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug: the traceback is what helps
         if debug:
             traceback.print_exc()
+        _close_progress_bars()
         print(f"{prog}: error: {message}", file=sys.stderr)
         from vprkit.errors import UsageError
 
         return 2 if isinstance(err, UsageError) else 1
+
+
+def _close_progress_bars() -> None:
+    """Clear the progress bars a failure left open, so the error starts its own line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _verb_functions(verb: str):
