@@ -320,26 +320,43 @@ def add_extraction_arguments(parser: argparse.ArgumentParser) -> argparse._Argum
         type=positive_int,
         help="default: the method's official value (CricaVPR: 16, 8 for pitts*), else 16",
     )
-    run.add_argument(
+    add_device_arguments(run)
+    return run
+
+
+def add_device_arguments(group: argparse._ArgumentGroup) -> None:
+    """Workers, device and precision of the forward passes."""
+    group.add_argument(
         "--num_workers",
         "--num-workers",
         type=non_negative_int,
         default=2,
         help="image-loading processes (0: in this process)",
     )
-    run.add_argument(
+    group.add_argument(
         "--device",
         type=device,
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="cpu, cuda or cuda:N",
     )
-    run.add_argument(
+    group.add_argument(
         "--precision",
         choices=sorted(PRECISIONS),
         default="fp32",
         help="autocast precision of the forward passes",
     )
-    return run
+
+
+def add_recall_values(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    group.add_argument(
+        "--recall_values",
+        "--recall-values",
+        type=positive_int,
+        nargs="+",
+        default=[1, 5, 10, 20, 100],
+        metavar="N",
+        help="report Recall@N for these N (the VG benchmark's list)",
+    )
 
 
 # --------------------------------------------------------------------------- the model

@@ -14,6 +14,7 @@ from vprkit.cli_args import (
     add_dataset_arguments,
     add_extraction_arguments,
     add_model_arguments,
+    add_recall_values,
     build_model,
     check_model,
     existing_dir,
@@ -32,15 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_dataset_arguments(parser)
     run = add_extraction_arguments(parser)
-    run.add_argument(
-        "--recall_values",
-        "--recall-values",
-        type=positive_int,
-        nargs="+",
-        default=[1, 5, 10, 20, 100],
-        metavar="N",
-        help="report Recall@N for these N (the VG benchmark's list)",
-    )
+    add_recall_values(run)
     run.add_argument(
         "--pca_dim",
         "--pca-dim",

@@ -31,13 +31,12 @@ import torch
 from vprkit.atomic import save_npy, write_text
 from vprkit.cli_args import (
     ImageSize,
+    add_device_arguments,
     add_model_arguments,
     build_model,
     check_model,
-    device,
     existing_dir,
     make_preprocess,
-    non_negative_int,
     output_file,
     positive_float,
     positive_int,
@@ -45,7 +44,7 @@ from vprkit.cli_args import (
 from vprkit.data.images import Preprocess
 from vprkit.data.triplets import TripletData, load_triplet_data
 from vprkit.errors import MissingInputError, UsageError
-from vprkit.extract import PRECISIONS, extract_global_descriptors
+from vprkit.extract import extract_global_descriptors
 from vprkit.retrieval.search import search
 
 __all__ = ["hard_negatives_from_descriptors", "mine_hard_negatives", "sidecar_path"]
@@ -211,25 +210,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=16,
         help="images per forward pass (R2Former's pre_compute_mining.py: 16)",
     )
-    run_group.add_argument(
-        "--num_workers",
-        "--num-workers",
-        type=non_negative_int,
-        default=2,
-        help="image-loading processes (0: in this process)",
-    )
-    run_group.add_argument(
-        "--device",
-        type=device,
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="cpu, cuda or cuda:N",
-    )
-    run_group.add_argument(
-        "--precision",
-        choices=sorted(PRECISIONS),
-        default="fp32",
-        help="autocast precision of the forward passes",
-    )
+    add_device_arguments(run_group)
     run_group.add_argument(
         "--memory_budget_mb",
         "--memory-budget-mb",

@@ -24,6 +24,7 @@ from vprkit.cli_args import (
     add_dataset_arguments,
     add_extraction_arguments,
     add_model_arguments,
+    add_recall_values,
     build_model,
     check_model,
     device,
@@ -315,15 +316,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
         help="predictions file (.npz) from vprkit retrieve or rerank",
     )
     add_dataset_arguments(parser)
-    parser.add_argument(
-        "--recall_values",
-        "--recall-values",
-        type=positive_int,
-        nargs="+",
-        default=[1, 5, 10, 20, 100],
-        metavar="N",
-        help="report Recall@N for these N (the VG benchmark's list)",
-    )
+    add_recall_values(parser)
     parser.add_argument("--out", type=output_file, help="write the metrics here as JSON")
 
 
