@@ -145,7 +145,7 @@ def user_message(err: BaseException) -> str | None:
     """The one-line message of an expected failure (`vprkit.errors`), None for a bug."""
     from vprkit.errors import VprkitError, disk_full, is_disk_full
 
-    if isinstance(err, VprkitError) or isinstance(err, _legacy_user_errors()):
+    if isinstance(err, VprkitError):
         return one_line(str(err)) or type(err).__name__
     if is_disk_full(err):
         return str(disk_full(err.filename or "the output"))
@@ -155,19 +155,6 @@ def user_message(err: BaseException) -> str | None:
                 return f"{err.filename}: {err.strerror.lower()}; {hint}"
             return one_line(str(err))
     return None
-
-
-def _legacy_user_errors() -> tuple[type[BaseException], ...]:
-    """User-fixable errors of modules that predate `VprkitError` (weights, downloads), for
-    the modules already imported (nothing else can have raised them)."""
-    found: list[type[BaseException]] = []
-    for module, names in (
-        ("vprkit.weights", ("WeightsMismatchError",)),
-        ("vprkit.hub", ("ChecksumError", "DownloadError", "ManualDownloadRequired")),
-    ):
-        loaded = sys.modules.get(module)
-        found += [getattr(loaded, n) for n in names if hasattr(loaded, n)]
-    return tuple(found)
 
 
 def one_line(text: str) -> str:
