@@ -117,6 +117,13 @@ def _build_table() -> dict[str, WeightsEntry]:
             description="CricaVPR (CVPR 2024), DINOv2 ViT-B/14, trained on GSV-Cities",
         ),
         WeightsEntry(
+            # hubconf.py (serizba/salad) loads it from the v1.0.0 release; a plain state dict
+            name="salad",
+            url="https://github.com/serizba/salad/releases/download/v1.0.0/dino_salad.ckpt",
+            filename="dino_salad.ckpt",
+            description="DINOv2 SALAD (CVPR 2024), DINOv2 ViT-B/14, 8448-D, trained on GSV-Cities",
+        ),
+        WeightsEntry(
             name="selavpr_msls",
             url=None,
             filename="SelaVPR_msls.pth",
