@@ -159,6 +159,13 @@ def _build_table() -> dict[str, WeightsEntry]:
             description="R2Former (CVPR 2023), global retrieval model only, MSLS",
             manual=_R2FORMER_NOTE,
         ),
+        WeightsEntry(
+            name="boq_dinov2",
+            # hubconf.py's MODEL_URLS["dinov2_12288"] (amaralibey/Bag-of-Queries)
+            url="https://github.com/amaralibey/Bag-of-Queries/releases/download/v1.0/dinov2_12288.pth",
+            filename="dinov2_12288.pth",
+            description="BoQ (CVPR 2024), DINOv2 ViT-B/14, 12288-D, trained on GSV-Cities",
+        ),
     ]
     return {e.name: e for e in entries}
 

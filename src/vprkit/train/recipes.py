@@ -193,6 +193,8 @@ class GSVRecipe(Recipe):
             image_size=tuple(cfg["image_size"]),
             horizontal_flip_p=cfg["horizontal_flip_p"],
             rand_augment_num_ops=cfg["rand_augment_ops"],
+            # torchvision's default 9 unless the recipe sets it (BoQ: 15)
+            rand_augment_magnitude=cfg.get("rand_augment_magnitude", 9),
         )
         dataset = GSVCitiesDataset(
             data, cfg["images_per_place"], TorchRngTransform(transform), seed=cfg["seed"]
@@ -433,6 +435,38 @@ RECIPES: dict[str, Recipe] = {
             "gamma": 0.5,
             "epochs": 10,
             "save_best": "R@5",
+        },
+        official_init="dinov2_vitb14",
+    ),
+    "boq": GSVRecipe(
+        "boq",
+        "BoQ DINOv2 (amaralibey/Bag-of-Queries train.py, src/model.py): GSV-Cities 128x4 at "
+        "224, RandAugment(3, magnitude 15), MS loss, AdamW 1e-4 (weight decay 1e-4) x0.1 at "
+        "epochs 10 and 20, 40 epochs, the last 2 blocks + aggregator trainable, fp16 on GPU, "
+        "validation at 322, best by R@1 (the official 10-epoch linear warm-up is not in "
+        "vprkit's loop; x0.1 every 10 epochs instead of milestones 10, 20)",
+        {
+            **GSV_DEFAULTS,
+            "model": "boq",
+            "train_only": official_train_only("boq"),
+            "places_per_batch": 128,
+            "images_per_place": 4,
+            "image_size": [224, 224],
+            "val_image_size": list(model_info("boq").image_size),
+            "rand_augment_ops": 3,
+            "rand_augment_magnitude": 15,
+            "optimizer": "adamw",
+            "lr": 1e-4,
+            "weight_decay": 1e-4,
+            # MultiStepLR(milestones=[10, 20], gamma=0.1) is met by a step every 10 epochs
+            # over the first 30; the 4th step (epochs 30-39) is 10x lower than the official.
+            "scheduler": "step",
+            "step_size_epochs": 10,
+            "gamma": 0.1,
+            "epochs": 40,
+            "patience": 40,  # the official run has no early stopping
+            "save_best": "R@1",
+            "precision": "fp16" if torch.cuda.is_available() else "fp32",  # '16-mixed' on GPU
         },
         official_init="dinov2_vitb14",
     ),

@@ -301,6 +301,7 @@ SETTINGS: dict[str, Kind] = {
     "images_per_place": integer(1),
     "city_grouped": BOOLEAN,
     "rand_augment_ops": integer(0),
+    "rand_augment_magnitude": integer(0, maximum=30),  # of 31 bins, as torchvision
     "horizontal_flip_p": number(0, maximum=1),
     "ms_alpha": number(0, strict=True),
     "ms_beta": number(0, strict=True),
