@@ -117,6 +117,15 @@ def _build_table() -> dict[str, WeightsEntry]:
             description="CricaVPR (CVPR 2024), DINOv2 ViT-B/14, trained on GSV-Cities",
         ),
         WeightsEntry(
+            # hubconf.py (gmberton/MegaLoc) downloads `model.safetensors` from the Hugging
+            # Face repository gberton/MegaLoc; cached under a name of its own here.
+            name="megaloc",
+            url="https://huggingface.co/gberton/MegaLoc/resolve/main/model.safetensors",
+            filename="megaloc.safetensors",
+            description="MegaLoc (2025), DINOv2 ViT-B/14 + SALAD-style aggregator, 8448-D; "
+            "model.safetensors of huggingface.co/gberton/MegaLoc",
+        ),
+        WeightsEntry(
             # hubconf.py (serizba/salad) loads it from the v1.0.0 release; a plain state dict
             name="salad",
             url="https://github.com/serizba/salad/releases/download/v1.0.0/dino_salad.ckpt",

@@ -7,7 +7,9 @@ Files understood:
   under `model_state_dict`, keys prefixed with DataParallel's `module.`, plus NumPy
   `recalls` / `best_r5` entries;
 - vprkit's own format (`save_checkpoint`): the state dict under `state_dict`, with the model
-  name and its overrides under `vprkit`.
+  name and its overrides under `vprkit`;
+- `.safetensors` files (e.g. MegaLoc's `model.safetensors`): a flat state dict, read with the
+  `safetensors` library, which holds only tensors and runs no code.
 
 Nothing is unpickled beyond tensors, containers and the few NumPy types those checkpoints hold
 (`torch.load(weights_only=True)` with an explicit allow-list).
@@ -96,11 +98,31 @@ def read_checkpoint(path: str | Path) -> Any:
         raise WeightsFileNotFoundError(f"weights file not found: {path}")
     if path.stat().st_size == 0:
         raise WeightsFileError(f"{path}: the weights file is empty (zero bytes)")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types; all mean "not a usable file"
         raise WeightsFileError(_unreadable(path, err)) from None
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a `.safetensors` file, on the CPU (the format holds nothing else)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise WeightsFileError(
+            f"{path}: reading .safetensors files needs the `safetensors` package "
+            "(pip install safetensors)"
+        ) from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors raises its own error types for malformed files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise WeightsFileError(
+            f"{path}: cannot read it as a safetensors file ({type(err).__name__}: {first})"
+        ) from None
 
 
 def _unreadable(path: Path, err: Exception) -> str:

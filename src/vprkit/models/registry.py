@@ -43,7 +43,7 @@ def register_model(
 
 def _ensure_builtin_models() -> None:
     # Importing the modules runs their @register_model decorators.
-    from vprkit.models import backbones, baselines, boq, cricavpr, r2former, salad, selavpr  # noqa: F401
+    from vprkit.models import backbones, baselines, boq, cricavpr, megaloc, r2former, salad, selavpr  # noqa: F401
 
 
 def list_models(pattern: str = "*") -> list[str]:
