@@ -13,9 +13,11 @@ ops such as the Sinkhorn's logsumexp are not counted). Methods not registered ye
 Models are built one at a time, so only one is in memory.
 
 Batch size matters: a projection such as MegaLoc's (16640 -> 8448, 140M weights, 562 MB in
-fp32) costs a fixed read of its weights per batch, and under bf16 autocast a fresh bf16 cast
-of them per batch (about 0.1 s on 2 CPU threads), so its share shrinks as the batch grows;
-the `--quick` batches of 2 overstate it (and one repeat on a busy machine measures nothing).
+fp32) costs a fixed read of its weights per batch (MegaLoc runs it in fp32 even under bf16
+autocast: casting the weights every batch took longer, about 0.1 s on 2 CPU threads), so its
+share shrinks as the batch grows; the `--quick` batches of 2 overstate it (and one repeat on
+a busy machine measures nothing). Backbone times vary by several percent between batches on
+a CPU, so a small overhead needs more repeats than 3 to read off the ratio.
 
     python benchmarks/bench_aggregators.py [--batch 16] [--repeats 5] [--device cpu]
     python benchmarks/bench_aggregators.py --quick   # smoke run: batch 2, 1 repeat
@@ -58,8 +60,16 @@ def count_macs(fn: Callable[[Tensor], object], x: Tensor) -> float:
     """Multiply-adds of `fn(x)`."""
     mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop}
     counter = flop_counter.FlopCounterMode(display=False, custom_mapping=mapping)
-    with torch.no_grad(), counter:
-        fn(x)
+    # The fused fast path of nn.TransformerEncoderLayer / nn.MultiheadAttention is invisible
+    # to FlopCounterMode (BoQ's two encoder layers would count as nothing): count the plain
+    # path, the same arithmetic.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), counter:
+            fn(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return counter.get_total_flops() / 2
 
 

@@ -106,8 +106,19 @@ class BoQBlock(nn.Module):
         q = self.queries
         q = self.norm_q(q + self.self_attn(q, q, q, need_weights=False)[0])
         q = q.expand(x.shape[0], -1, -1)
-        out, attn = self.cross_attn(q, x, x, need_weights=return_attention)
+        # nn.MultiheadAttention's cross-attention path transposes batch-first inputs to
+        # sequence-first; given them in sequence-first memory, the transposed views are
+        # contiguous and its projections are single matrix products. Otherwise they are
+        # batched products against the weight repeated per token, which bf16 autocast
+        # materializes (a 529 x 384 x 768 copy per batch: most of the aggregator's time).
+        kv = seq_major(x)
+        out, attn = self.cross_attn(seq_major(q), kv, kv, need_weights=return_attention)
         return x, self.norm_out(out), attn
+
+
+def seq_major(x: Tensor) -> Tensor:
+    """`x` (B, N, D), the same values, laid out in memory as (N, B, D)."""
+    return x.transpose(0, 1).contiguous().transpose(0, 1)
 
 
 class BoQ(nn.Module):

@@ -165,7 +165,12 @@ class Aggregator(nn.Module):
         self.linear = nn.Linear(agg.out_dim, feat_dim)
 
     def forward(self, patch_map: Tensor, cls_token: Tensor) -> Tensor:
-        return self.linear(self.agg(patch_map, cls_token))
+        desc = self.agg(patch_map, cls_token)
+        # The projection runs in its weights' dtype even under autocast: a bf16 product would
+        # first cast its 140M fp32 weights, every batch, which on CPU takes longer than the
+        # fp32 product itself (that one is bound by a single read of the weights).
+        with torch.autocast(desc.device.type, enabled=False):
+            return self.linear(desc.to(self.linear.weight.dtype))
 
 
 class MegaLoc(nn.Module):
