@@ -227,8 +227,8 @@ def test_resize_rounds_to_nearest_multiple_half_to_even():
     assert nearest_multiple_size(105, 147) == (112, 140)  # 7.5 -> 8, 10.5 -> 10
     assert nearest_multiple_size(322, 320) == (322, 322)
     model = vprkit.create_model("megaloc", **TINY).eval()
-    with pytest.raises(VprkitError, match="more patches than clusters"):
-        model(torch.randn(1, 3, 28, 56))  # 2 x 4 = 8 patches for 8 clusters
+    with pytest.raises(VprkitError, match="at least as many patches as clusters"):
+        model(torch.randn(1, 3, 28, 42))  # 2 x 3 = 6 patches for 8 clusters
     with pytest.raises(VprkitError, match="too small"):
         model(torch.randn(1, 3, 5, 200))
 

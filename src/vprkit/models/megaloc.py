@@ -14,9 +14,11 @@ loads `model.safetensors` into):
 
 What differs from SALAD's aggregator (serizba/salad `models/aggregators/salad.py`): 256
 channels per cluster instead of 128, the projection and the second L2 norm after it, and the
-Sinkhorn written as OpenGlue's `get_matching_probs` (the same arithmetic, but it needs more
-patches than clusters; here a clear error says so). The backbone is the plain DINOv2
-ViT-B/14 (pos-embed interpolated bicubically with the +0.1 offset, no antialias, as both the
+Sinkhorn written as OpenGlue's `get_matching_probs`. That is the same arithmetic as SALAD's,
+so vprkit runs both with SALAD's aggregator (`vprkit.models.salad.SALADAggregator`); the one
+edge where they part: with exactly as many patches as clusters the official MegaLoc fails
+(`math.log(0)`) while SALAD's form gives the dust bin no mass, as here. The backbone is the
+plain DINOv2 ViT-B/14 (pos-embed interpolated bicubically with the +0.1 offset, no antialias, as both the
 hub DINOv2 and MegaLoc's own copy do), without `mask_token`: the released file has none.
 
 Parameter names are the official ones (`backbone.blocks.N.attn.qkv.weight`,
@@ -25,8 +27,6 @@ Parameter names are the official ones (`backbone.blocks.N.attn.qkv.weight`,
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ from vprkit.models.backbones import Backbone, dinov2_config
 from vprkit.models.info import ModelInfo
 from vprkit.models.outputs import DescriptorOutput
 from vprkit.models.registry import register_model
+from vprkit.models.salad import SALADAggregator
 
 PATCH = 14
 SINKHORN_ITERS = 3
@@ -79,90 +80,13 @@ def resize_to_patch_multiple(images: Tensor, multiple: int = PATCH) -> Tensor:
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
-def log_sinkhorn(scores: Tensor, dust_bin: Tensor, iters: int = SINKHORN_ITERS) -> Tensor:
-    """Log transport plan (B, m + 1, n) between m clusters plus a dust bin and n patches,
-    scaled by m + n (OpenGlue's `get_matching_probs`, as the official file has it).
-
-    Rows have mass 1/(m+n) each and the dust bin (n-m)/(m+n); columns 1/(m+n) each."""
-    batch, m, n = scores.shape
-    if n <= m:
-        raise VprkitError(
-            f"MegaLoc's Sinkhorn needs more patches than clusters: {n} patches for {m} "
-            f"clusters; use a larger input (e.g. 322x322 gives 529 patches)"
-        )
-    dust = dust_bin.to(scores.dtype).expand(batch, 1, n)
-    log_plan = torch.cat((scores, dust), dim=1)
-    norm = -math.log(n + m)
-    log_a = torch.full((m + 1,), norm, device=scores.device)
-    log_a[-1] += math.log(n - m)
-    log_b = torch.full((n,), norm, device=scores.device)
-    log_a, log_b = log_a.expand(batch, -1), log_b.expand(batch, -1)
-    u, v = torch.zeros_like(log_a), torch.zeros_like(log_b)
-    for _ in range(iters):
-        u = log_a - torch.logsumexp(log_plan + v.unsqueeze(1), dim=2)
-        v = log_b - torch.logsumexp(log_plan + u.unsqueeze(2), dim=1)
-    return log_plan + u.unsqueeze(2) + v.unsqueeze(1) - norm
-
-
-class SALADAggregator(nn.Module):
-    """The official `FeatureAggregator` (SALAD's design): module indices are the official
-    ones (`cluster_features.3` is the second conv: 0 conv, 1 dropout, 2 ReLU, 3 conv)."""
-
-    def __init__(
-        self,
-        num_channels: int = 768,
-        num_clusters: int = 64,
-        cluster_dim: int = 256,
-        token_dim: int = 256,
-        mlp_dim: int = 512,
-        dropout: float = 0.3,
-    ) -> None:
-        super().__init__()
-        self.num_clusters, self.cluster_dim, self.token_dim = num_clusters, cluster_dim, token_dim
-
-        def drop() -> nn.Module:
-            return nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-        self.token_features = nn.Sequential(
-            nn.Linear(num_channels, mlp_dim), nn.ReLU(), nn.Linear(mlp_dim, token_dim)
-        )
-        self.cluster_features = nn.Sequential(
-            nn.Conv2d(num_channels, mlp_dim, 1),
-            drop(),
-            nn.ReLU(),
-            nn.Conv2d(mlp_dim, cluster_dim, 1),
-        )
-        self.score = nn.Sequential(
-            nn.Conv2d(num_channels, mlp_dim, 1),
-            drop(),
-            nn.ReLU(),
-            nn.Conv2d(mlp_dim, num_clusters, 1),
-        )
-        self.dust_bin = nn.Parameter(torch.ones(()))
-
-    @property
-    def out_dim(self) -> int:
-        return self.num_clusters * self.cluster_dim + self.token_dim
-
-    def forward(self, patch_map: Tensor, cls_token: Tensor) -> Tensor:
-        """(B, C, h, w) final-norm patch map and (B, C) cls token -> (B, m * l + g), L2-normed."""
-        f = self.cluster_features(patch_map).flatten(2)  # (B, l, n)
-        s = self.score(patch_map).flatten(2)  # (B, m, n)
-        g = self.token_features(cls_token)
-        p = log_sinkhorn(s, self.dust_bin).exp()[:, :-1]  # dust bin dropped: (B, m, n)
-        clusters = torch.einsum("bln,bmn->blm", f, p)  # (B, l, m)
-        # each cluster's vector normalized over its l channels, then flattened channel-major
-        clusters = F.normalize(clusters, p=2, dim=1).flatten(1)
-        return F.normalize(torch.cat((F.normalize(g, p=2, dim=-1), clusters), dim=-1), dim=-1)
-
-
 class Aggregator(nn.Module):
     """The official `Aggregator`: SALAD (`agg`) then the projection (`linear`)."""
 
     def __init__(self, agg: SALADAggregator, feat_dim: int) -> None:
         super().__init__()
         self.agg = agg
-        self.linear = nn.Linear(agg.out_dim, feat_dim)
+        self.linear = nn.Linear(agg.output_dim, feat_dim)
 
     def forward(self, patch_map: Tensor, cls_token: Tensor) -> Tensor:
         desc = self.agg(patch_map, cls_token)
@@ -213,6 +137,6 @@ def megaloc(
     # the released file has no mask_token (MegaLoc's own DINOv2 copy defines none)
     backbone = Backbone(dinov2_config("vitb14", 0, **{"mask_token": False, **overrides}))
     agg = SALADAggregator(
-        backbone.embed_dim, num_clusters, cluster_dim, token_dim, mlp_dim, dropout=dropout
+        backbone.embed_dim, num_clusters, cluster_dim, token_dim, dropout=dropout, mlp_dim=mlp_dim
     )
     return MegaLoc(backbone, Aggregator(agg, feat_dim))

@@ -96,6 +96,7 @@ class SALADAggregator(nn.Module):
         cluster_dim: int = 128,
         token_dim: int = 256,
         dropout: float = 0.3,
+        mlp_dim: int = HIDDEN,
     ) -> None:
         super().__init__()
         self.num_clusters, self.cluster_dim, self.token_dim = num_clusters, cluster_dim, token_dim
@@ -105,16 +106,19 @@ class SALADAggregator(nn.Module):
 
         # Index layout as the official Sequentials (dropout at 1), so the keys match.
         self.token_features = nn.Sequential(
-            nn.Linear(num_channels, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, token_dim)
+            nn.Linear(num_channels, mlp_dim), nn.ReLU(), nn.Linear(mlp_dim, token_dim)
         )
         self.cluster_features = nn.Sequential(
-            nn.Conv2d(num_channels, HIDDEN, 1), drop(), nn.ReLU(), nn.Conv2d(HIDDEN, cluster_dim, 1)
-        )
-        self.score = nn.Sequential(
-            nn.Conv2d(num_channels, HIDDEN, 1),
+            nn.Conv2d(num_channels, mlp_dim, 1),
             drop(),
             nn.ReLU(),
-            nn.Conv2d(HIDDEN, num_clusters, 1),
+            nn.Conv2d(mlp_dim, cluster_dim, 1),
+        )
+        self.score = nn.Sequential(
+            nn.Conv2d(num_channels, mlp_dim, 1),
+            drop(),
+            nn.ReLU(),
+            nn.Conv2d(mlp_dim, num_clusters, 1),
         )
         self.dust_bin = nn.Parameter(torch.tensor(1.0))
 
