@@ -18,8 +18,9 @@ Sinkhorn written as OpenGlue's `get_matching_probs`. That is the same arithmetic
 so vprkit runs both with SALAD's aggregator (`vprkit.models.salad.SALADAggregator`); the one
 edge where they part: with exactly as many patches as clusters the official MegaLoc fails
 (`math.log(0)`) while SALAD's form gives the dust bin no mass, as here. The backbone is the
-plain DINOv2 ViT-B/14 (pos-embed interpolated bicubically with the +0.1 offset, no antialias, as both the
-hub DINOv2 and MegaLoc's own copy do), without `mask_token`: the released file has none.
+plain DINOv2 ViT-B/14 (pos-embed interpolated bicubically with the +0.1 offset, no
+antialias, as both the hub DINOv2 and MegaLoc's own copy do), without `mask_token`: the
+released file has none.
 
 Parameter names are the official ones (`backbone.blocks.N.attn.qkv.weight`,
 `aggregator.agg.cluster_features.3.weight`, `aggregator.agg.dust_bin`,
