@@ -474,6 +474,10 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=env,
+        # A shell running the tests in the background ignores SIGINT, and children inherit
+        # that (Python then installs no KeyboardInterrupt handler): give it back, as a
+        # terminal would have it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         # Started when its progress bar shows on stderr: wait for output, up to a deadline.
