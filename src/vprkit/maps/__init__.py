@@ -1,0 +1,1 @@
+"""Building a place map from your own geotagged photos."""
