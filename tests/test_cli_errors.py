@@ -480,9 +480,10 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
-        # Started when its progress bar shows on stderr: wait for output, up to a deadline.
+        # Mid-work once its progress bar has counted the first chunk (32 images): wait for
+        # that on stderr, up to a deadline.
         err, deadline = b"", time.monotonic() + 120
-        while b"synth:" not in err:
+        while b" 32/" not in err:
             left = deadline - time.monotonic()
             assert left > 0 and proc.poll() is None, err.decode()
             if select.select([proc.stderr], [], [], left)[0]:

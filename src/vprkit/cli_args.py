@@ -347,6 +347,42 @@ def add_device_arguments(group: argparse._ArgumentGroup) -> None:
     )
 
 
+def add_reranker_arguments(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    """Which re-ranker, how ties are ordered, and its memory and precision."""
+    from vprkit.rerank import list_rerankers
+
+    group.add_argument("--reranker", choices=list_rerankers(), help="default: the method's own")
+    group.add_argument(
+        "--tie_order",
+        "--tie-order",
+        choices=["official", "stable"],
+        help="order of equal re-rank scores: official (SelaVPR's np.argsort(counts)[::-1]) or "
+        "stable (global order); default: the method's (SelaVPR: official, others: stable)",
+    )
+    group.add_argument(
+        "--rerank_memory_mb",
+        "--rerank-memory-mb",
+        type=positive_float,
+        help="bound the re-ranker's working memory (same order, slower)",
+    )
+    group.add_argument(
+        "--rerank_precision",
+        "--rerank-precision",
+        choices=sorted(PRECISIONS),
+        default="fp32",
+        help="autocast precision of re-rankers that run a network (R2Former's)",
+    )
+
+
+def add_local_fp16_argument(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    group.add_argument(
+        "--local_features_fp16",
+        "--local-features-fp16",
+        action="store_true",
+        help="store local features in fp16 (half the disk; counts may differ slightly)",
+    )
+
+
 def add_recall_values(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
     group.add_argument(
         "--recall_values",

@@ -13,8 +13,10 @@ from pathlib import Path
 from vprkit.cli_args import (
     add_dataset_arguments,
     add_extraction_arguments,
+    add_local_fp16_argument,
     add_model_arguments,
     add_recall_values,
+    add_reranker_arguments,
     build_model,
     check_model,
     existing_dir,
@@ -23,10 +25,8 @@ from vprkit.cli_args import (
     positive_int,
     read_dataset,
 )
-from vprkit.extract import PRECISIONS
 from vprkit.pipeline.config import EvalConfig, size_option
 from vprkit.pipeline.evaluate import EvalResult, evaluate
-from vprkit.rerank import list_rerankers
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,14 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=non_negative_int,
         help="re-rank this many global candidates; default: the method's (100), 0 = off",
     )
-    rerank.add_argument("--reranker", choices=list_rerankers(), help="default: the method's own")
-    rerank.add_argument(
-        "--tie_order",
-        "--tie-order",
-        choices=["official", "stable"],
-        help="order of equal re-rank scores: official (SelaVPR's np.argsort(counts)[::-1]) or "
-        "stable (global order); default: the method's (SelaVPR: official, others: stable)",
-    )
+    add_reranker_arguments(rerank)
     rerank.add_argument(
         "--local_features_cache",
         "--local-features-cache",
@@ -77,25 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep the extracted features here (database/, queries/; local features "
         "memory-mapped) instead of a temporary folder; reused when made the same way",
     )
-    rerank.add_argument(
-        "--local_features_fp16",
-        "--local-features-fp16",
-        action="store_true",
-        help="store local features in fp16 (half the disk; counts may differ slightly)",
-    )
-    rerank.add_argument(
-        "--rerank_memory_mb",
-        "--rerank-memory-mb",
-        type=positive_float,
-        help="bound the re-ranker's working memory (same order, slower)",
-    )
-    rerank.add_argument(
-        "--rerank_precision",
-        "--rerank-precision",
-        choices=sorted(PRECISIONS),
-        default="fp32",
-        help="autocast precision of re-rankers that run a network (R2Former's)",
-    )
+    add_local_fp16_argument(rerank)
     out = parser.add_argument_group("outputs")
     out.add_argument(
         "--save_dir",

@@ -16,15 +16,14 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from vprkit.atomic import write_text
 from vprkit.cli_args import (
-    RANDOM,
     add_dataset_arguments,
     add_extraction_arguments,
+    add_local_fp16_argument,
     add_model_arguments,
     add_recall_values,
+    add_reranker_arguments,
     build_model,
     check_model,
     device,
@@ -39,8 +38,7 @@ from vprkit.cli_args import (
 )
 from vprkit.data.datasets import read_images_paths
 from vprkit.errors import UsageError, VprkitError
-from vprkit.extract import PRECISIONS
-from vprkit.models.registry import create_model, model_info
+from vprkit.models.registry import model_info
 from vprkit.pipeline import (
     dataset_positives,
     extract,
@@ -53,7 +51,7 @@ from vprkit.pipeline import (
 from vprkit.pipeline.extract import relative_names
 from vprkit.pipeline.fingerprint import state_sha256
 from vprkit.pipeline.outputs import write_pairs
-from vprkit.rerank import list_rerankers
+from vprkit.rerank import get_reranker, list_rerankers
 from vprkit.retrieval.metrics import format_recalls
 from vprkit.retrieval.search import load_pca
 
@@ -75,12 +73,7 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="keep local features for re-ranking; default: when the method re-ranks",
     )
-    run.add_argument(
-        "--local_features_fp16",
-        "--local-features-fp16",
-        action="store_true",
-        help="store local features in fp16 (half the disk; counts may differ slightly)",
-    )
+    add_local_fp16_argument(run)
     parser.add_argument(
         "--out",
         type=Path,
@@ -216,19 +209,11 @@ def add_rerank_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--predictions", type=existing_file, required=True, help="from vprkit retrieve"
     )
-    parser.add_argument("--reranker", choices=list_rerankers(), help="default: the method's own")
     parser.add_argument(
         "--rerank_num",
         "--rerank-num",
         type=positive_int,
         help="re-rank this many candidates; default: the method's (R2Former and SelaVPR: 100)",
-    )
-    parser.add_argument(
-        "--tie_order",
-        "--tie-order",
-        choices=["official", "stable"],
-        help="order of equal scores: official (SelaVPR's np.argsort(counts)[::-1]) or stable "
-        "(global order); default: the method's (SelaVPR: official, others: stable)",
     )
     parser.add_argument(
         "--weights",
@@ -237,19 +222,7 @@ def add_rerank_arguments(parser: argparse.ArgumentParser) -> None:
         "those the features were extracted with",
     )
     parser.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument(
-        "--rerank_precision",
-        "--rerank-precision",
-        choices=sorted(PRECISIONS),
-        default="fp32",
-        help="autocast precision of re-rankers that run a network (R2Former's)",
-    )
-    parser.add_argument(
-        "--rerank_memory_mb",
-        "--rerank-memory-mb",
-        type=positive_float,
-        help="bound the re-ranker's working memory (same order, slower)",
-    )
+    add_reranker_arguments(parser)
     parser.add_argument("--out", type=output_file, required=True, help="predictions file (.npz)")
     parser.add_argument("--pairs", type=output_file, help="also write hloc-style pairs text here")
 
@@ -259,11 +232,12 @@ def model_of_features(features, weights: str | None):
     (re-rankers that are part of a model need the same weights)."""
     made = features.fingerprint["model"]
     weights = weights or features.record.get("weights")
-    if weights == RANDOM:  # rebuilt from the seed it was made with
-        torch.manual_seed(features.record.get("seed", 0))
-        model = create_model(made["name"], **made["options"])
-    else:
-        model = create_model(made["name"], weights=weights, **made["options"])
+    model, _ = build_model(
+        made["name"],
+        weights,
+        list(made["options"].items()),
+        seed=features.record.get("seed", 0),  # rebuilds a random init from its seed
+    )
     if state_sha256(model) != made["state_sha256"]:
         raise VprkitError(
             f"{features.folder}: extracted with other weights than {weights or 'a random init'}"
@@ -283,7 +257,7 @@ def run_rerank(args: argparse.Namespace) -> int:
             f"argument --reranker: {queries.fingerprint['model']['name']} has no re-ranker of "
             f"its own: choose --reranker ({', '.join(list_rerankers())})"
         )
-    needs_model = reranker in ("r2former",)
+    needs_model = get_reranker(reranker).model_method is not None
     model = model_of_features(queries, args.weights) if needs_model else None
     budget = None if args.rerank_memory_mb is None else int(args.rerank_memory_mb * 2**20)
     reranked = rerank(

@@ -418,7 +418,7 @@ def equalize(img: Image.Image) -> Image.Image:
 
 
 # (name, identity value, allowed range) of ColorJitter's four parameters, in its op order.
-_JITTER_SPECS: tuple[tuple[str, float, tuple[float, float]], ...] = (
+_JITTER_LIMITS: tuple[tuple[str, float, tuple[float, float]], ...] = (
     ("brightness", 1.0, (0.0, math.inf)),
     ("contrast", 1.0, (0.0, math.inf)),
     ("saturation", 1.0, (0.0, math.inf)),
@@ -457,7 +457,7 @@ def color_jitter_params(
     four ops (0 brightness, 1 contrast, 2 saturation, 3 hue), then one uniform factor per
     enabled op; a disabled op gives None and consumes no draw."""
     values = (brightness, contrast, saturation, hue)
-    ranges = [_jitter_range(v, *spec) for v, spec in zip(values, _JITTER_SPECS, strict=True)]
+    ranges = [_jitter_range(v, *spec) for v, spec in zip(values, _JITTER_LIMITS, strict=True)]
     _check_rng(rng)
     order = [int(i) for i in torch.randperm(4, generator=rng)]
     factors = [
@@ -692,7 +692,7 @@ class TrainTransform:
         if not _is_number(p) or not 0.0 <= p <= 1.0:
             raise ValueError(f"horizontal_flip_p must be a probability in [0, 1], got {p!r}")
         canon["horizontal_flip_p"] = float(p)
-        for name, center, bound in _JITTER_SPECS:
+        for name, center, bound in _JITTER_LIMITS:
             value = getattr(self, name)
             _jitter_range(value, name, center, bound)
             canon[name] = float(value) if _is_number(value) else _float_pair(value, name)
@@ -729,7 +729,7 @@ class TrainTransform:
     def jitter(self) -> bool:
         """Whether the colour jitter step is on (any of its four ranges is not the identity)."""
         return any(
-            _jitter_range(getattr(self, n), n, c, b) is not None for n, c, b in _JITTER_SPECS
+            _jitter_range(getattr(self, n), n, c, b) is not None for n, c, b in _JITTER_LIMITS
         )
 
     def describe(self) -> str:
