@@ -5,10 +5,21 @@ from vprkit.models.registry import create_model, list_models, model_info, regist
 
 __version__ = "0.1.0"
 __all__ = [
+    "Map",
     "ModelInfo",
+    "build_map",
     "create_model",
     "list_models",
     "model_info",
     "register_model",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # `vprkit.Map.open(folder)` and `vprkit.build_map(...)`, imported when first used.
+    if name in ("Map", "build_map"):
+        import vprkit.maps
+
+        return getattr(vprkit.maps, name)
+    raise AttributeError(f"module 'vprkit' has no attribute {name!r}")

@@ -32,6 +32,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("vprkit.train.loop", "train a method (one loop; torchrun for several processes)"),
     "synth": ("vprkit.data.synthetic", "generate synthetic places (GSV-Cities and VG formats)"),
     "mine": ("vprkit.mine", "pre-compute hard negatives for training (R2Former's file)"),
+    "map": ("vprkit.maps.commands", "build, grow, inspect and verify a map of geotagged photos"),
+    "localize": ("vprkit.maps.commands", "where photos were taken, on a map: position, confidence"),
 }
 
 DEBUG_HELP = "show the traceback of every failure (also VPRKIT_DEBUG=1)"

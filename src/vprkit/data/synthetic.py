@@ -17,7 +17,9 @@ Outputs (``generate`` / ``vprkit synth``):
 
 - ``gsv/Dataframes/<City>.csv`` and ``gsv/Images/<City>/*.jpg`` in the GSV-Cities layout;
 - ``vg/<name>/images/{val,test}/{database,queries}/@east@north@...@.jpg`` in the layout of
-  gmberton's VPR-datasets-downloader, from streets unseen in training;
+  gmberton's VPR-datasets-downloader, from streets unseen in training, each photo with EXIF
+  GPS (latitude, longitude, camera height as altitude, heading) as a phone writes it: the world
+  has a geographic origin (``LAT0, LON0`` at ``BASE_EAST, BASE_NORTH``);
 - optionally (``vg_train_queries > 0``) ``vg/<name>/images/train/{database,queries}/``, built
   like val/test from streets of its own, for triplet training on VG-format data;
 - ``meta.json`` (parameters, seed, counts) and ``poses.jsonl`` (one line per image: pose,
@@ -47,6 +49,7 @@ from vprkit.atomic import atomic_path, write_text
 from vprkit.data.datasets import parse_utm
 from vprkit.data.gsv_cities import GSV_COLUMNS, gsv_image_name
 from vprkit.errors import VprkitError
+from vprkit.maps.positions import exif_gps
 
 FORMAT_VERSION = 1
 
@@ -1651,12 +1654,12 @@ def vg_image_name(
 parse_vg_utm = parse_utm
 
 
-def _write_jpeg(path: Path, image: np.ndarray, quality: int) -> None:
-    """Atomic write; no EXIF or timestamps, fixed encoder settings, so bytes are reproducible."""
+def _write_jpeg(path: Path, image: np.ndarray, quality: int, exif: bytes = b"") -> None:
+    """Atomic write; fixed encoder settings and no timestamps, so bytes are reproducible."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         Image.fromarray(image).save(
-            tmp, format="JPEG", quality=quality, subsampling=0, optimize=False
+            tmp, format="JPEG", quality=quality, subsampling=0, optimize=False, exif=exif
         )
 
 
@@ -1701,7 +1704,9 @@ def _render_task(task: Task, cfg: SynthConfig, root: Path) -> dict[str, Any]:
         name = vg_image_name(pose.east, pose.north, pose.yaw_deg, pose.pitch_deg, panoid, cond.time)
         rel = Path("vg", cfg.vg_name, "images", VG_FOLDERS[task.split], role, name)
         extra = {}
-    _write_jpeg(root / rel, res.image, cfg.jpeg_quality)
+    # VG photos carry EXIF GPS as a camera writes it: a map can be built from them as they are.
+    exif = b"" if task.kind == "gsv" else exif_gps(lat, lon, pose.height, pose.yaw_deg)
+    _write_jpeg(root / rel, res.image, cfg.jpeg_quality, exif)
     return dict(
         path=rel.as_posix(),
         kind=task.kind,

@@ -34,11 +34,14 @@ __all__ = [
     "Position",
     "UtmZone",
     "collect_positions",
+    "exif_gps",
     "geodesic_distance_m",
     "position_from_name",
     "read_exif_position",
     "read_positions_table",
+    "project",
     "to_metric",
+    "unproject",
     "utm_zone",
 ]
 
@@ -341,6 +344,43 @@ def position_from_name(path: str | os.PathLike) -> Result:
     return Position(latitude=latitude, longitude=longitude, heading=heading, source="name"), None
 
 
+def exif_gps(
+    latitude: float,
+    longitude: float,
+    altitude: float | None = None,
+    heading: float | None = None,
+) -> bytes:
+    """An EXIF block with this GPS position, for ``Image.save(..., exif=...)`` (what a camera
+    writes: degrees, minutes and seconds with N/S/E/W references; seconds to a millionth of an
+    arcsecond, 3e-5 m)."""
+    from fractions import Fraction
+
+    from PIL.TiffImagePlugin import IFDRational
+
+    def dms(degrees: float) -> tuple:
+        d = abs(degrees)
+        whole = int(d)
+        minutes = int((d - whole) * 60)
+        seconds = Fraction(round(((d - whole) * 60 - minutes) * 60 * 1_000_000), 1_000_000)
+        return IFDRational(whole, 1), IFDRational(minutes, 1), IFDRational(seconds)
+
+    gps: dict = {
+        1: "N" if latitude >= 0 else "S",
+        2: dms(latitude),
+        3: "E" if longitude >= 0 else "W",
+        4: dms(longitude),
+    }
+    if altitude is not None:
+        gps[5] = b"\x01" if altitude < 0 else b"\x00"
+        gps[6] = IFDRational(Fraction(round(abs(altitude) * 1000), 1000))
+    if heading is not None:
+        gps[16] = "T"  # true north
+        gps[17] = IFDRational(Fraction(round((heading % 360.0) * 100), 100))
+    exif = Image.Exif()
+    exif[0x8825] = gps  # the GPSInfo IFD
+    return exif.tobytes()
+
+
 # ---------------------------------------------------------------------------------------
 # Metric coordinates
 # ---------------------------------------------------------------------------------------
@@ -392,8 +432,24 @@ def to_metric(
     if lat.shape != lon.shape or lat.ndim != 1 or lat.size == 0:
         raise ValueError("latitudes and longitudes must be 1-D, non-empty and the same length")
     zone = utm_zone(float(np.median(lat)), float(np.median(lon)))
+    east, north = project(lat, lon, zone)
+    return east, north, zone
+
+
+def project(
+    latitudes: Sequence[float] | np.ndarray, longitudes: Sequence[float] | np.ndarray, zone: UtmZone
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(east, north)`` in metres in the given UTM zone (a map keeps its zone as it grows)."""
+    lat = np.asarray(latitudes, dtype=np.float64)
+    lon = np.asarray(longitudes, dtype=np.float64)
     east, north = _to_utm(zone.epsg).transform(lon, lat)
-    return np.asarray(east), np.asarray(north), zone
+    return np.asarray(east, dtype=np.float64), np.asarray(north, dtype=np.float64)
+
+
+def unproject(east: Any, north: Any, zone: UtmZone) -> tuple[Any, Any]:
+    """``(latitude, longitude)`` of metric coordinates in ``zone`` (inverse of `project`)."""
+    lon, lat = _from_utm(zone.epsg).transform(east, north)
+    return lat, lon
 
 
 _GEOD = pyproj.Geod(ellps="WGS84")

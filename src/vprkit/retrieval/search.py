@@ -230,6 +230,12 @@ def exact_search(
     exact rule. ``k`` larger than the database is clipped to its size, with a warning.
     """
     k = _check_inputs(database, queries, k)
+    return search_flat_index(flat_index(database), queries, k)
+
+
+def flat_index(database: np.ndarray) -> faiss.IndexFlatL2:
+    """A ``faiss.IndexFlatL2`` of the L2-normalized rows of ``database`` (a map keeps it in
+    its folder: ``faiss.write_index``)."""
     n, dim = database.shape
     index = faiss.IndexFlatL2(dim)
     if hasattr(index.codes, "resize"):
@@ -246,7 +252,18 @@ def exact_search(
         for start in range(0, n, _ADD_BLOCK):
             index.add(_load_rows(database, slice(start, start + _ADD_BLOCK), "database", buf))
         del buf
-        stored = faiss.rev_swig_ptr(index.get_xb(), n * dim).reshape(n, dim)
+    return index
+
+
+def search_flat_index(
+    index: faiss.IndexFlatL2, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`exact_search` on a prebuilt :func:`flat_index` (same ranking rule)."""
+    n, dim = index.ntotal, index.d
+    if queries.ndim != 2 or queries.shape[1] != dim:
+        raise VprkitError(f"queries are {queries.shape}, the index holds {dim}-D descriptors")
+    k = min(int(k), n)
+    stored = faiss.rev_swig_ptr(index.get_xb(), n * dim).reshape(n, dim)
     q = _load_rows(queries, slice(None), "queries")
     margin = _slack(dim)
 
