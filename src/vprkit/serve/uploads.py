@@ -21,7 +21,7 @@ from vprkit.data.images import to_rgb
 
 # What Pillow may try: the photo formats cameras and phones write. Naming them keeps Pillow's
 # rarer decoders (and their bugs) away from bytes a stranger sent.
-FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO")
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 IMAGE_FIELD = "images"
 FIELDS = ("top_k", "rerank")
 
@@ -117,7 +117,7 @@ def decode_image(upload: Upload, max_pixels: int) -> Image.Image:
         raise Rejected(413, f"{upload.name}: too many pixels (a decompression bomb?)") from None
     except (UnidentifiedImageError, OSError, SyntaxError):
         raise Rejected(
-            415, f"{upload.name}: not an image vprkit reads ({', '.join(FORMATS[:-1])})"
+            415, f"{upload.name}: not an image vprkit reads ({', '.join(FORMATS)})"
         ) from None
     with im:
         width, height = im.size
