@@ -32,3 +32,21 @@ def tiny_synthetic(tmp_path_factory) -> Path:
         num_workers=1,
     )
     return root
+
+
+@pytest.fixture(scope="session")
+def serve_map(tiny_synthetic, tmp_path_factory):
+    """A real map of the synthetic city's VG database (EXIF GPS positions), made by
+    `build_map` with a tiny random SelaVPR, which keeps local features: it can re-rank."""
+    from vprkit.maps import build_map
+
+    m, _ = build_map(
+        tiny_synthetic / "vg" / "synthetic" / "images" / "test" / "database",
+        tmp_path_factory.mktemp("serve") / "city.map",
+        method="selavpr",
+        weights="random",
+        model_options={"backbone": "dinov2_vits14", "depth": 1},
+        image_size=[56, 56],
+        num_workers=0,
+    )
+    return m
