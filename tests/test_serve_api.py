@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'vprkit[serve]'")
+pytest.importorskip(
+    "fastapi", reason="the serve extra is not installed: pip install 'vprkit[serve]'"
+)
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -149,7 +151,9 @@ def test_a_non_image_is_refused_with_415_and_a_message(api):
     truncated = png_bytes((64, 64))[:60]
     r = post(api, ("cut.png", truncated))
     assert r.status_code == 415 and r.json()["detail"].startswith("cut.png:")
-    r = api.post("/api/localize", content=b'{"image": 1}', headers={"content-type": "application/json"})
+    r = api.post(
+        "/api/localize", content=b'{"image": 1}', headers={"content-type": "application/json"}
+    )
     assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]
 
 
@@ -347,9 +351,13 @@ def test_tiles_are_offered_to_the_page_and_allowed_by_its_policy(serve_map, loca
 
 def test_the_openapi_schema_lists_every_route(api):
     schema = api.get("/openapi.json").json()
-    assert {"/api/localize", "/api/map", "/api/map/photos", "/api/photos/{photo_id}", "/healthz"} <= set(
-        schema["paths"]
-    )
+    assert {
+        "/api/localize",
+        "/api/map",
+        "/api/map/photos",
+        "/api/photos/{photo_id}",
+        "/healthz",
+    } <= set(schema["paths"])
     body = schema["paths"]["/api/localize"]["post"]["requestBody"]["content"]
     assert "images" in body["multipart/form-data"]["schema"]["properties"]
 

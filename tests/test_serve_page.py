@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi", reason="the serve extra is not installed: pip install 'vprkit[serve]'")
+pytest.importorskip(
+    "fastapi", reason="the serve extra is not installed: pip install 'vprkit[serve]'"
+)
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -78,11 +80,17 @@ def test_the_page_localizes_an_uploaded_photo_as_the_api_does(
     import httpx
     from selenium.webdriver.common.by import By
 
-    query = sorted((tiny_synthetic / "vg" / "synthetic" / "images" / "test" / "queries").iterdir())[3]
+    query = sorted((tiny_synthetic / "vg" / "synthetic" / "images" / "test" / "queries").iterdir())[
+        3
+    ]
     headers = {"Authorization": f"Bearer {TOKEN}"}
     with open(query, "rb") as f:
         api = httpx.post(
-            f"{server}/api/localize", files={"images": f}, data={"top_k": "10"}, headers=headers, timeout=60
+            f"{server}/api/localize",
+            files={"images": f},
+            data={"top_k": "10"},
+            headers=headers,
+            timeout=60,
         ).json()["results"][0]
 
     browser.get(f"{server}/#token={TOKEN}")
@@ -104,7 +112,8 @@ def test_the_page_localizes_an_uploaded_photo_as_the_api_does(
         "return [...document.querySelectorAll('#matches li')].map(li => Number(li.dataset.photoId))"
     )
     markers = browser.execute_script(
-        "return vprkitPage.state.matchMarkers.map(m => [m.photoId, vprkitPage.fromLatLng(m.getLatLng())])"
+        "return vprkitPage.state.matchMarkers"
+        ".map(m => [m.photoId, vprkitPage.fromLatLng(m.getLatLng())])"
     )
     assert listed == ids
     assert [m[0] for m in markers] == ids

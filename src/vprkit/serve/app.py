@@ -7,6 +7,7 @@ import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Request
@@ -126,7 +127,7 @@ _bearer = HTTPBearer(auto_error=False, description="the server's --token")
 
 
 def require_token(
-    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
     """With `--token`, every /api call carries `Authorization: Bearer TOKEN`."""
     token = request.app.state.service.options.token

@@ -20,13 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("map", type=Path, help="the map folder (vprkit map build)")
     net = parser.add_argument_group("network")
-    net.add_argument("--host", default="127.0.0.1", help="address to bind (only this machine by default)")
+    net.add_argument(
+        "--host", default="127.0.0.1", help="address to bind; 127.0.0.1: this machine only"
+    )
     net.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
     net.add_argument(
         "--token",
-        default=os.environ.get(TOKEN_ENV),
-        help=f"every /api call must send 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV}, "
-        "which keeps it out of the process list; none: no token asked)",
+        help=f"every /api call must send 'Authorization: Bearer TOKEN'; default: ${TOKEN_ENV} "
+        "when set (which keeps it out of the process list), else no token is asked",
     )
     page = parser.add_argument_group("page")
     page.add_argument(
@@ -34,21 +35,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="XYZ tile URL template for the page's background, e.g. "
         "https://tiles.example.org/{z}/{x}/{y}.png (default: a plain metric grid, offline)",
     )
-    page.add_argument("--tiles_attribution", "--tiles-attribution", default="", help="credit shown for the tiles")
+    page.add_argument(
+        "--tiles_attribution", "--tiles-attribution", help="credit shown for the tiles"
+    )
     model = parser.add_argument_group("model")
-    model.add_argument("--weights", help="weights file for the map's model (default: as the map records)")
-    model.add_argument("--photos_root", "--photos-root", type=Path, help="where the map's photos are now, if they moved")
+    model.add_argument(
+        "--weights", help="weights file for the map's model (default: as the map records)"
+    )
+    model.add_argument(
+        "--photos_root",
+        "--photos-root",
+        type=Path,
+        help="where the map's photos are now, if they moved",
+    )
     model.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     limits = parser.add_argument_group("limits")
-    limits.add_argument("--workers", type=int, default=1, help="worker threads (decoding runs in parallel; the model one at a time)")
-    limits.add_argument("--queue", type=int, default=8, help="requests that may wait; one more is answered 503 with Retry-After")
-    limits.add_argument("--max_upload_mb", "--max-upload-mb", type=float, default=20.0, help="largest request body")
-    limits.add_argument("--max_pixels", "--max-pixels", type=int, default=40_000_000, help="largest photo, width x height")
-    limits.add_argument("--max_images", "--max-images", type=int, default=8, help="photos per request")
-    parser.add_argument("--log_level", "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="uvicorn's log level")
+    limits.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker threads (decoding runs in parallel; the model one at a time)",
+    )
+    limits.add_argument(
+        "--queue",
+        type=int,
+        default=8,
+        help="requests that may wait; one more is answered 503 with Retry-After",
+    )
+    limits.add_argument(
+        "--max_upload_mb", "--max-upload-mb", type=float, default=20.0, help="largest request body"
+    )
+    limits.add_argument(
+        "--max_pixels",
+        "--max-pixels",
+        type=int,
+        default=40_000_000,
+        help="largest photo, width x height",
+    )
+    limits.add_argument(
+        "--max_images", "--max-images", type=int, default=8, help="photos per request"
+    )
+    parser.add_argument(
+        "--log_level",
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="uvicorn's log level",
+    )
 
 
 def _check(args) -> None:
+    if args.token is None:  # read here, not as the flag's default: --help must not show it
+        args.token = os.environ.get(TOKEN_ENV)
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port}: give 0 to 65535")
     for flag in ("workers", "max_images", "max_pixels"):
@@ -82,7 +120,7 @@ def run(args) -> int:
     options = ServeOptions(
         token=args.token,
         tiles=args.tiles,
-        tiles_attribution=args.tiles_attribution,
+        tiles_attribution=args.tiles_attribution or "",
         workers=args.workers,
         queue_size=args.queue,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),

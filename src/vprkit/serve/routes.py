@@ -121,10 +121,14 @@ def photo(
     try:
         data = _service(request).thumbnails.jpeg(photo_id, size)
     except IndexError:
-        raise Rejected(404, f"no photo {photo_id}; the map has ids 0 to {_service(request).map.count - 1}") from None
+        raise Rejected(
+            404, f"no photo {photo_id}; the map has ids 0 to {_service(request).map.count - 1}"
+        ) from None
     except VprkitError as e:  # the file is gone from disk
         raise Rejected(404, str(e)) from None
-    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+    return Response(
+        data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"}
+    )
 
 
 @api.post("/localize", openapi_extra=LOCALIZE_BODY)
@@ -146,7 +150,12 @@ async def localize(request: Request) -> dict:
         )
     timings["receive_s"] = received - start
     timings["total_s"] = time.perf_counter() - start
-    return {"results": [_result(r) for r in results], "top_k": top_k, "rerank": rerank, "timings": timings}
+    return {
+        "results": [_result(r) for r in results],
+        "top_k": top_k,
+        "rerank": rerank,
+        "timings": timings,
+    }
 
 
 def _localize_job(service, uploads, top_k: int, rerank: bool):
@@ -164,7 +173,11 @@ def _localize_job(service, uploads, top_k: int, rerank: bool):
         except VprkitError as e:  # e.g. re-ranking asked of a map without local features
             raise Rejected(422, str(e)) from None
     done = time.perf_counter()
-    return results, {"decode_s": decoded - queued, "lock_wait_s": locked - decoded, "localize_s": done - locked}
+    return results, {
+        "decode_s": decoded - queued,
+        "lock_wait_s": locked - decoded,
+        "localize_s": done - locked,
+    }
 
 
 def _result(loc) -> dict:

@@ -91,17 +91,23 @@ async def parse_form(request: Request, body: bytes, max_images: int) -> tuple[li
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if key != IMAGE_FIELD:
-                    raise Rejected(400, f"unexpected file field {key!r}; send photos as {IMAGE_FIELD!r}")
+                    raise Rejected(
+                        400, f"unexpected file field {key!r}; send photos as {IMAGE_FIELD!r}"
+                    )
                 name = posixpath.basename((value.filename or "").replace("\\", "/"))[:200]
                 uploads.append(Upload(name or f"image-{len(uploads) + 1}", await value.read()))
             elif key in FIELDS:
                 fields[key] = value
             else:
-                raise Rejected(400, f"unknown field {key!r}; the fields are {IMAGE_FIELD}, top_k, rerank")
+                raise Rejected(
+                    400, f"unknown field {key!r}; the fields are {IMAGE_FIELD}, top_k, rerank"
+                )
     finally:
         await form.close()
     if not uploads:
-        raise Rejected(400, f"no photo in the request; send one or more in the field {IMAGE_FIELD!r}")
+        raise Rejected(
+            400, f"no photo in the request; send one or more in the field {IMAGE_FIELD!r}"
+        )
     return uploads, fields
 
 
