@@ -8,6 +8,7 @@ import io
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -433,3 +434,14 @@ def _wait_for_url(proc: subprocess.Popen, deadline: float) -> str:
         if " at http" in line:
             return line.split(" at ", 1)[1].split("/ ", 1)[0]
     raise AssertionError(f"vprkit serve printed no URL: {''.join(seen)}")
+
+
+def test_the_listening_socket_is_tcp_so_answers_are_not_held_by_nagle():
+    from vprkit.serve.server import bind
+
+    # asyncio sets TCP_NODELAY on accepted sockets only when the listener says it is TCP.
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP and sock.getsockname()[0] == "127.0.0.1"
+    finally:
+        sock.close()
