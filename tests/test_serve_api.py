@@ -340,6 +340,7 @@ def test_the_page_and_its_map_library_come_from_this_server(api):
         "token_required": False,
         "tiles": None,
         "tiles_attribution": "",
+        "cluster_above": 300,
     }
 
 

@@ -7,8 +7,12 @@ a photo through the page, and check the estimate marker and the listed matches a
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import threading
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,7 @@ pytest.importorskip(
     "fastapi", reason="the serve extra is not installed: pip install 'vprkit[serve]'"
 )
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+from PIL import Image  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -154,10 +159,79 @@ def test_the_photos_view_browses_the_map(server, browser, serve_map):
     wait_for(browser, "return document.querySelector('.leaflet-popup-content img') !== null")
 
 
+@contextmanager
+def tile_server():
+    """A stand-in for the user's XYZ tile server, on 127.0.0.1: one grey PNG for every tile,
+    and the paths asked for."""
+    asked: list[str] = []
+    out = io.BytesIO()
+    Image.new("RGB", (256, 256), (200, 210, 220)).save(out, "PNG")
+    tile = out.getvalue()
+
+    class Tiles(BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(tile)))
+            self.end_headers()
+            self.wfile.write(tile)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Tiles)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/{{z}}/{{x}}/{{y}}.png", asked
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_over_the_users_tiles_with_clustered_photos(serve_map, browser, tiny_synthetic):
+    import httpx
+    from selenium.webdriver.common.by import By
+
+    from vprkit.serve.app import ServeOptions, create_app
+    from vprkit.serve.server import ServerThread
+
+    query = sorted((tiny_synthetic / "vg" / "synthetic" / "images" / "test" / "queries").iterdir())[
+        5
+    ]
+    with tile_server() as (tiles, asked):
+        # Clustering from 10 photos on: the code path a map of thousands takes.
+        options = ServeOptions(tiles=tiles, tiles_attribution="test tiles", cluster_above=10)
+        app = create_app(serve_map, serve_map.localizer(), options)
+        with ServerThread(app) as url:
+            with open(query, "rb") as f:
+                api = httpx.post(f"{url}/api/localize", files={"images": f}, timeout=60).json()
+            browser.get(f"{url}/")
+            wait_for(browser, "return document.body.dataset.ready === 'true'")
+            wait_for(browser, "return document.querySelectorAll('.marker-cluster').length > 0")
+            wait_for(
+                browser,
+                "return [...document.querySelectorAll('img.leaflet-tile')]"
+                ".some(i => i.complete && i.naturalWidth === 256)",
+            )
+            assert asked and all(p.endswith(".png") for p in asked)
+            assert (
+                "test tiles"
+                in browser.find_element(By.CLASS_NAME, "leaflet-control-attribution").text
+            )
+            browser.find_element(By.ID, "photo-input").send_keys(str(query))
+            assert wait_for(browser, "return document.body.dataset.state") == "localized"
+            where = browser.execute_script(
+                "return vprkitPage.fromLatLng(vprkitPage.state.estimateMarker.getLatLng())"
+            )
+    est = api["results"][0]["estimate"]
+    assert where["latitude"] == pytest.approx(est["latitude"], abs=1e-9)
+    assert where["longitude"] == pytest.approx(est["longitude"], abs=1e-9)
+
+
 def _save_small_png(source: Path, target: Path) -> None:
     """The screenshot, palette-quantized (a README picture well under 300 KB)."""
-    from PIL import Image
-
     target.parent.mkdir(parents=True, exist_ok=True)
     with Image.open(source) as im:
         im.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(

@@ -35,6 +35,7 @@ class ServeOptions:
     max_images: int = 8
     max_top_k: int = 100
     upload_timeout_s: float = 30.0
+    cluster_above: int = 300  # the page clusters the map's photos when it has more
 
 
 class Service:

@@ -60,6 +60,7 @@ def page_config(request: Request) -> dict:
         "token_required": options.token is not None,
         "tiles": options.tiles,
         "tiles_attribution": options.tiles_attribution,
+        "cluster_above": options.cluster_above,
     }
 
 

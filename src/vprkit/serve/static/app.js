@@ -4,7 +4,6 @@
 "use strict";
 
 (function () {
-  const CLUSTER_ABOVE = 300; // photos: fewer are drawn one by one
   const PAGE_SIZE = 48; // thumbnails per page in the photos view
   const $ = (id) => document.getElementById(id);
   const state = {
@@ -136,7 +135,7 @@
   }
 
   function drawPhotos() {
-    const layer = state.photos.length > CLUSTER_ABOVE
+    const layer = state.photos.length > state.config.cluster_above
       ? L.markerClusterGroup({ chunkedLoading: true, maxClusterRadius: 40 })
       : L.featureGroup();
     state.photoMarkers = state.photos.map((p) => {
