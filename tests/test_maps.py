@@ -25,6 +25,7 @@ from vprkit.maps import Map, add_to_map, build_map
 from vprkit.maps.estimate import estimate_position, match_weights
 from vprkit.maps.positions import exif_gps, geodesic_distance_m
 from vprkit.models.registry import create_model
+from vprkit.models.registry import model_info as vprkit_info
 from vprkit.pipeline import extract
 
 TINY = {"size": "vits14", "depth": 1}
@@ -164,6 +165,7 @@ def test_a_killed_build_resumes_to_the_map_an_uninterrupted_build_gives(tiny_syn
 import os, signal, sys, torch
 from vprkit.maps import build_map
 from vprkit.models.registry import create_model
+from vprkit.models.registry import model_info as vprkit_info
 torch.manual_seed(0)
 model = create_model("dinov2_gem", size="vits14", depth=1)
 model.vprkit_seed = 0
@@ -389,3 +391,89 @@ def test_localize_on_corridor_gives_the_top1_of_vprkit_eval(shared_data, tmp_pat
     )
     top1 = [Path(dataset.database_paths[i]).name for i in run.predictions[:, 0]]
     assert [r.matches[0].path for r in results] == top1
+
+
+def test_localize_reranks_as_the_rerank_stage_does(tiny_synthetic, tmp_path):
+    """SelaVPR's map keeps its local features; `rerank=True` gives the order of the pipeline's
+    retrieve + rerank stages on the same descriptors (queries encoded one at a time)."""
+    from vprkit.pipeline import rerank, retrieve
+
+    torch.manual_seed(0)
+    model = create_model("selavpr", backbone="dinov2_vits14", depth=2)
+    m, _ = build_map(
+        _database(tiny_synthetic),
+        tmp_path / "m",
+        model=model,
+        weights="random",
+        image_size=SIZE,
+        num_workers=0,
+    )
+    assert m.has_local and len(m.chunks) == 1
+    queries = sorted(_queries(tiny_synthetic).glob("*.jpg"))[:3]
+    results = m.localizer(model=model).localize(queries, top_k=5, rerank=True)
+    pre = Preprocess(image_size=(56, 56))
+    q = extract(model, queries, preprocess=pre, local=True, batch_size=1)
+    depth = vprkit_info(model).rerank_num
+    expected = rerank(retrieve(m.chunks[0], q, depth), "mnn", m.chunks[0], q, depth, model=model)
+    for r, indices, scores in zip(results, expected.indices, expected.scores, strict=True):
+        assert r.reranked and [x.photo_id for x in r.matches] == indices[:5].tolist()
+        assert [x.score for x in r.matches] == scores[:5].tolist()
+    with pytest.raises(VprkitError, match="no re-ranker of its own"):
+        Map.open(_city_map_folder(tmp_path, tiny_synthetic)).localizer().localize(
+            queries, rerank=True
+        )
+
+
+def _city_map_folder(tmp_path: Path, city: Path) -> Path:
+    m, _ = _build(city / "vg" / "synthetic" / "images" / "val" / "database", tmp_path / "val")
+    return m.folder
+
+
+def test_cricavpr_queries_alone_or_as_a_burst_batched_like_extract(tiny_synthetic, tmp_path):
+    """CricaVPR's cross-image encoder couples a batch: a query alone is a batch of one, a
+    burst is batched as the map's photos were."""
+    from vprkit.pipeline import retrieve
+
+    torch.manual_seed(0)
+    model = create_model("cricavpr", embed_dim=64, num_heads=4, depth=1)
+    m, _ = build_map(
+        _database(tiny_synthetic),
+        tmp_path / "m",
+        model=model,
+        weights="random",
+        image_size=SIZE,
+        num_workers=0,
+    )
+    queries = sorted(_queries(tiny_synthetic).glob("*.jpg"))[:6]
+    localizer = m.localizer(model=model)
+    pre = Preprocess(image_size=(56, 56))
+    for burst, batch_size in ((False, 1), (True, m.meta["batch_size"])):
+        results = localizer.localize(queries, top_k=3, burst=burst)
+        q = extract(model, queries, preprocess=pre, batch_size=batch_size)
+        expected = retrieve(m.chunks[0], q, 3)
+        for r, ids, dist in zip(results, expected.indices, expected.distances, strict=True):
+            assert [x.photo_id for x in r.matches] == ids.tolist()
+            assert [x.distance for x in r.matches] == pytest.approx(dist.tolist(), abs=1e-6)
+    alone = localizer.localize(queries[:1], top_k=1)[0].matches[0].distance
+    burst = localizer.localize(queries, top_k=1, burst=True)[0].matches[0].distance
+    assert alone != burst  # the coupling is real
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["localize", "--map", "{tmp}/nothing", "{q}"], "not a map folder"),
+        (["localize", "--map", "{map}", "{tmp}/missing.jpg"], "missing.jpg does not exist"),
+        (["localize", "--map", "{map}", "{q}", "--method", "cricavpr"], "made by dinov2_gem"),
+        (["localize", "--map", "{map}", "{q}", "--top_k", "0"], "--top_k"),
+        (["map", "info", "{tmp}"], "not a map folder"),
+        (["map", "add", "{map}", "/"], "not under the map's photos root"),
+        (["map", "build", "{tmp}/none", "--out", "{tmp}/m", "--method", "dinov2_gem"], "none"),
+    ],
+)
+def test_bad_input_is_one_line(city_map, tiny_synthetic, tmp_path, capsys, args, message):
+    values = {"tmp": tmp_path, "map": city_map.folder, "q": _queries(tiny_synthetic)}
+    status = main([a.format(**values) for a in args])
+    err = capsys.readouterr().err
+    assert status in (1, 2) and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
