@@ -47,6 +47,13 @@ def test_demo_ci_learns_and_leaves_its_run_folder(tmp_path: Path, capsys) -> Non
         saved = json.loads((run_dir / "config.json").read_text())
         assert saved["seed"] == 0 and saved["dataset_folder"].endswith("synthetic")
     assert (Path(summary["training_run"]) / "best.pth").is_file()
+
+    # The map of the test streets (EXIF GPS) localizes the queries far better once trained.
+    where = {name: results[name]["localization"] for name in ("untrained", "trained")}
+    assert where["trained"]["median_error_m"] < where["untrained"]["median_error_m"] / 2, where
+    assert where["trained"]["within_m"]["25"] > where["untrained"]["within_m"]["25"] + 20, where
+    run = Path(where["trained"]["run_dir"])
+    assert (run / "map.html").is_file() and (run / "localizations.geojson").is_file()
     assert [h["epoch"] for h in summary["validation_history"]] == list(
         range(len(summary["validation_history"]))
     )
@@ -54,7 +61,8 @@ def test_demo_ci_learns_and_leaves_its_run_folder(tmp_path: Path, capsys) -> Non
     # The table, printed the way the field does.
     assert re.search(rf"^  raw_pixels +R@1: {ROW}$", printed, re.M)
     for name in ("untrained", "trained"):
-        assert re.search(rf"^  {name} +R@1: {ROW}, R@5: {ROW}, R@10: {ROW}$", printed, re.M)
+        row = rf"^  {name} +R@1: {ROW}, R@5: {ROW}, R@10: {ROW} +localized: median {ROW} m, "
+        assert re.search(row + rf"within 25 m: {ROW}%$", printed, re.M), printed
     assert f"R@1: {trained['R@1']:.1f}" in printed
     assert re.search(r"^time: .*, total \d+ s$", printed, re.M)
 

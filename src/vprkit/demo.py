@@ -7,7 +7,9 @@
 3. train the network from scratch with a method's real training recipe, validating on the
    val streets;
 4. evaluate the best checkpoint on the test streets, with prediction pictures;
-5. print and save the comparison.
+5. build a map from the test streets' database photos (their EXIF GPS) with the untrained and
+   the trained network, localize the test queries on it and measure the error in metres;
+6. print and save the comparison.
 """
 
 from __future__ import annotations
@@ -114,9 +116,9 @@ def render_city(
 ) -> None:
     """Render the synthetic city into `data`, unless a previous run left it there."""
     if (data / "meta.json").is_file():
-        print(f"1/4 reusing the synthetic city in {data}")
+        print(f"1/5 reusing the synthetic city in {data}")
         return
-    print(f"1/4 rendering a synthetic city into {data} ...")
+    print(f"1/5 rendering a synthetic city into {data} ...")
     generate(
         data,
         image_size=(image_size, image_size),
@@ -141,16 +143,11 @@ def evaluate_model(
     """`vprkit eval`'s pipeline on the test streets, with prediction pictures; the recalls
     and the run folder. The model's initialization is seeded: without weights, that is the
     whole model, so the untrained figures can be reproduced."""
-    import torch
-
     from vprkit.data.formats import open_dataset
-    from vprkit.models.registry import create_model
     from vprkit.pipeline import EvalConfig, evaluate
 
     options = model_options(method, image_size)
-    with torch.random.fork_rng(devices=[]):  # seeded here without touching the caller's RNG
-        torch.manual_seed(seed)
-        model = create_model(method["model"], weights=weights, **options)
+    model = demo_model(method, weights, image_size, seed)
     config = EvalConfig(
         recall_values=RECALL_VALUES,
         image_size=(image_size, image_size),
@@ -172,6 +169,69 @@ def evaluate_model(
     return {
         "recalls": {f"R@{n}": v for n, v in result.recalls.items()},
         "run_dir": str(result.run_dir),
+    }
+
+
+def demo_model(method: dict, weights: Path | None, image_size: int, seed: int):
+    """The demo's network: trained weights, or the initialization `seed` gives."""
+    import torch
+
+    from vprkit.models.registry import create_model
+
+    with torch.random.fork_rng(devices=[]):  # seeded here without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = create_model(method["model"], weights=weights, **model_options(method, image_size))
+    if weights is None:
+        model.vprkit_seed = seed  # a map records it: the same network can be rebuilt
+    return model
+
+
+def localize_on_map(
+    method: dict,
+    vg: Path,
+    weights: Path | None,
+    out: Path,
+    name: str,
+    image_size: int,
+    num_workers: int,
+    seed: int = 0,
+) -> dict:
+    """Build a map from the test streets' database photos (positions from their EXIF GPS),
+    localize the test queries on it, and measure the error of the estimates in metres. The
+    queries are localized as one burst, batched as the evaluation batches them (CricaVPR's
+    cross-image encoder couples the images of a batch)."""
+    import shutil
+
+    from vprkit.data.datasets import read_images_paths
+    from vprkit.maps import build_map
+    from vprkit.maps.positions import collect_positions
+    from vprkit.maps.report import write_run
+
+    model = demo_model(method, weights, image_size, seed)
+    map_dir, run_dir = out / f"map_{name}", out / f"localize_{name}"
+    for folder in (map_dir, run_dir):  # this demo's own outputs of an earlier run
+        shutil.rmtree(folder, ignore_errors=True)
+    images = vg / "images" / "test"
+    m, _ = build_map(
+        images / "database",
+        map_dir,
+        model=model,
+        weights=str(weights) if weights else "random",
+        image_size=[image_size, image_size],
+        num_workers=num_workers,
+    )
+    queries = read_images_paths(images / "queries")
+    results = m.localizer(model=model).localize(queries, burst=True)
+    positions, _ = collect_positions(queries, images / "queries")
+    truth = [positions.get(q.name) for q in queries]
+    run_dir.mkdir(parents=True)
+    summary = write_run(run_dir, m, results, queries, truth, pictures=PREDS_PER_QUERY)
+    errors = summary["errors"]
+    return {
+        "median_error_m": errors["median_error_m"],
+        "within_m": errors["within_m"],
+        "run_dir": str(run_dir),
+        "map": str(map_dir),
     }
 
 
@@ -204,7 +264,12 @@ def format_results(results: dict, times: dict, dataset_name: str) -> str:
     lines = [f"Recall on {dataset_name}'s test streets (never seen in training):"]
     for name in ("raw_pixels", "untrained", "trained"):
         recalls = results[name]["recalls"]
-        lines.append(f"  {name:<11} " + ", ".join(f"{k}: {v:.1f}" for k, v in recalls.items()))
+        line = f"  {name:<11} " + ", ".join(f"{k}: {v:.1f}" for k, v in recalls.items())
+        where = results[name].get("localization")
+        if where:
+            line = f"{line:<48} localized: median {where['median_error_m']:.1f} m, "
+            line += f"within 25 m: {where['within_m']['25']:.1f}%"
+        lines.append(line)
     lines.append(
         "time: "
         + ", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in times.items())
@@ -214,6 +279,11 @@ def format_results(results: dict, times: dict, dataset_name: str) -> str:
         f"prediction pictures: {results['untrained']['run_dir']}/preds, "
         f"{results['trained']['run_dir']}/preds"
     )
+    if results["trained"].get("localization"):
+        lines.append(
+            f"localization: {results['trained']['localization']['run_dir']}/map.html "
+            "(estimates, matches and true positions), pictures/"
+        )
     return "\n".join(lines)
 
 
@@ -237,7 +307,7 @@ def demo(
     render_city(data, scale, difficulty, image_size, seed, num_workers)
     times["generation_s"] = time.perf_counter() - start
 
-    print("2/4 baselines on the unseen test streets ...")
+    print("2/5 baselines on the unseen test streets ...")
     start = time.perf_counter()
     results = {"raw_pixels": {"recalls": {"R@1": 100 * raw_pixel_recall(vg / "images" / "test")}}}
     results["untrained"] = evaluate_model(
@@ -245,17 +315,25 @@ def demo(
     )
     times["baselines_s"] = time.perf_counter() - start
 
-    print("3/4 training from scratch ...")
+    print("3/5 training from scratch ...")
     start = time.perf_counter()
     run_dir, summary = train_model(method, data, out, scale, image_size, seed, num_workers)
     times["training_s"] = time.perf_counter() - start
 
-    print("4/4 evaluating the trained network on the unseen test streets ...")
+    print("4/5 evaluating the trained network on the unseen test streets ...")
     start = time.perf_counter()
     results["trained"] = evaluate_model(
         method, vg, run_dir / "best.pth", out, "trained", image_size, num_workers, seed
     )
     times["evaluation_s"] = time.perf_counter() - start
+
+    print("5/5 building a map of the test streets and localizing their queries ...")
+    start = time.perf_counter()
+    for name, weights in (("untrained", None), ("trained", run_dir / "best.pth")):
+        results[name]["localization"] = localize_on_map(
+            method, vg, weights, out, name, image_size, num_workers, seed
+        )
+    times["localization_s"] = time.perf_counter() - start
 
     summary_out = {
         "method": method_name,

@@ -353,18 +353,17 @@ def add_to_map(
     old = Map.open(map_folder)
     meta = old.meta
     root = old.photos_root
-    paths = list_photos(photos, root)
-    have = {p.path for p in old.photos}
-    new_paths = []
-    for p in paths:
-        key = Path(os.path.relpath(p, root)).as_posix()
-        if key.startswith("../"):
+    entries = [photos] if isinstance(photos, str | os.PathLike) else list(photos)
+    for entry in map(Path, entries):
+        # Checked before listing: a folder above the root could hold the whole disk.
+        if Path(os.path.relpath(entry.absolute(), root)).as_posix().split("/")[0] == "..":
             raise VprkitError(
-                f"photo {p} is not under the map's photos root {root}; a map's photos share one "
-                "root folder: copy the photo there, or build a map from a folder above both"
+                f"{entry} is not under the map's photos root {root}; a map's photos share one "
+                "root folder: copy the photos there, or build a map from a folder above both"
             )
-        if key not in have:
-            new_paths.append(p)
+    paths = list_photos(entries, root)
+    have = {p.path for p in old.photos}
+    new_paths = [p for p in paths if Path(os.path.relpath(p, root)).as_posix() not in have]
     skipped = len(paths) - len(new_paths)
     known, excluded = _positions(new_paths, root, positions, require_positions)
     keys = sorted(known)

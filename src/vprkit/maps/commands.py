@@ -21,6 +21,7 @@ from vprkit.cli_args import (
     check_model,
     device,
     existing_file,
+    non_negative_int,
     positive_float,
     positive_int,
     weights_option,
@@ -225,6 +226,9 @@ def add_localize_arguments(parser: argparse.ArgumentParser) -> None:
         "else their EXIF GPS or VG names, when they have them: errors in metres are reported",
     )
     parser.add_argument(
+        "--method", help="check that the map was made by this method (its own is always used)"
+    )
+    parser.add_argument(
         "--weights", type=weights_option, help="where the map's weights file is now, if it moved"
     )
     parser.add_argument(
@@ -286,12 +290,16 @@ def run_localize(args: argparse.Namespace) -> int:
     from vprkit.maps.folder import Map
     from vprkit.maps.report import format_errors, format_table, write_run
 
-    if args.pictures < 0:
-        raise UsageError("argument --pictures: expected an integer >= 0")
     out = args.out or Path("runs", "localize", datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise VprkitError(f"{out} exists and is not empty; choose another --out")
     m = Map.open(args.map, photos_root=args.photos_root)
+    if args.method is not None and args.method != m.method:
+        raise UsageError(
+            f"argument --method: {args.map} was made by {m.method}, not {args.method}; "
+            "localize with the map's own method (drop --method), or build a map with "
+            f"{args.method}"
+        )
     files, root = _query_files(args.queries)
     truth = _query_truth(files, root, args.positions)
     localizer = m.localizer(device=args.device, weights=args.weights)

@@ -259,7 +259,8 @@ def read_exif_position(photo_path: str | os.PathLike) -> Result:
             exif = image.getexif()
             gps = dict(exif.get_ifd(_GPS_IFD))
             exif_ifd = dict(exif.get_ifd(_EXIF_IFD))
-    except (UnidentifiedImageError, SyntaxError, ValueError, EOFError) as e:
+    except (UnidentifiedImageError, SyntaxError, ValueError, EOFError, OSError) as e:
+        # OSError: a file cut short inside its headers ("Truncated File Read").
         raise VprkitError(f"{photo_path}: cannot read the photo ({e}); replace or remove it") from e
     if not gps:
         return None, "no GPS position in EXIF"
