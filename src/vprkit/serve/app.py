@@ -86,6 +86,10 @@ def create_app(map_, localizer, options: ServeOptions | None = None) -> FastAPI:
         version=vprkit.__version__,
         description="Send a photo, get the position where it was taken, from a vprkit map.",
         lifespan=_lifespan,
+        # Swagger UI and ReDoc load their scripts from a CDN: offline (and under this CSP)
+        # they cannot work, so only the schema itself is served, at /openapi.json.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = service
     headers = _security_headers(options.tiles)

@@ -16,7 +16,7 @@ TOKEN_ENV = "VPRKIT_SERVE_TOKEN"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Serve a map over HTTP: POST a photo to /api/localize and get its position; the page "
-        "at / shows it on the map. The API's schema is at /docs and /openapi.json."
+        "at / shows it on the map. The API's OpenAPI schema is at /openapi.json."
     )
     parser.add_argument("map", type=Path, help="the map folder (vprkit map build)")
     net = parser.add_argument_group("network")
@@ -138,7 +138,7 @@ def run(args) -> int:
         app = create_app(m, m.localizer(device=args.device, weights=args.weights), options)
         print(
             f"vprkit serve: {m.folder} ({m.count} photos, {m.method}) at {server.url_of(sock)}/ "
-            f"(API schema: /docs); Ctrl-C stops",
+            f"(API schema: /openapi.json); Ctrl-C stops",
             file=sys.stderr,
             flush=True,
         )
