@@ -62,35 +62,52 @@ def percentiles(latencies: list[float]) -> dict:
     return {"p50_ms": round(p50, 1), "p95_ms": round(p95, 1), "p99_ms": round(p99, 1)}
 
 
-def direct(map_folder: Path, queries: list[Path], requests: int, seconds: float) -> dict:
+def direct(map_folder: Path, queries: list[Path], requests: int, seconds: float) -> list[dict]:
     """The baseline, in a fresh process as the server is: decode + `Localizer.localize`,
-    one after another (what one request costs without HTTP, queue or concurrency)."""
+    one after another (what one request costs without HTTP, queue or concurrency), from the
+    main thread as a script calls it, and from a second thread as the server's worker does
+    (on a busy 2-core machine torch's intra-op threads make the two differ a lot)."""
     cmd = [sys.executable, __file__, "--_direct", str(map_folder), *map(str, queries)]
     cmd += ["--requests", str(requests), "--seconds", str(seconds)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def direct_child(map_folder: Path, photos: list[bytes], requests: int, seconds: float) -> dict:
+def direct_child(map_folder: Path, photos: list[bytes], requests: int, seconds: float) -> list:
+    import threading
+
     from vprkit.maps import Map
     from vprkit.serve.uploads import Upload, decode_image
 
     localizer = Map.open(map_folder).localizer()
-    for i in range(10):  # warm up, as the server is before it is measured
-        localizer.localize([decode_image(Upload("q.jpg", photos[i % len(photos)]), 40_000_000)])
-    latencies = []
-    start = time.perf_counter()
-    for i in range(requests):
-        t0 = time.perf_counter()
+
+    def one(i: int) -> None:
         image = decode_image(Upload("q.jpg", photos[i % len(photos)]), 40_000_000)
         localizer.localize([image], top_k=10)
-        latencies.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > seconds:
-            break
-    wall = time.perf_counter() - start
-    return {"clients": "direct", "ok": len(latencies), "rps": round(len(latencies) / wall, 1)} | (
-        percentiles(latencies)
-    )
+
+    def loop(label: str, rows: list) -> None:
+        for i in range(10):  # warm up, as the server is before it is measured
+            one(i)
+        latencies = []
+        start = time.perf_counter()
+        for i in range(requests):
+            t0 = time.perf_counter()
+            one(i)
+            latencies.append(time.perf_counter() - t0)
+            if time.perf_counter() - start > seconds:
+                break
+        wall = time.perf_counter() - start
+        rows.append(
+            {"clients": label, "ok": len(latencies), "rps": round(len(latencies) / wall, 1)}
+            | percentiles(latencies)
+        )
+
+    rows: list = []
+    loop("direct", rows)
+    worker = threading.Thread(target=loop, args=("direct-t", rows))
+    worker.start()
+    worker.join()
+    return rows
 
 
 class Server:
@@ -209,7 +226,7 @@ def main() -> None:
         options = {"size": "vits14", "depth": 1} if args.method.startswith("dinov2") else {}
         map_folder, queries = build_map(Path(tmp), args.method, options, args.size)
         photos = [q.read_bytes() for q in queries]
-        rows = [direct(map_folder, queries, args.requests, args.seconds)]
+        rows = direct(map_folder, queries, args.requests, args.seconds)
         server = Server(map_folder, args.workers, args.queue)
         soak = None
         try:

@@ -145,11 +145,16 @@ async def localize(request: Request) -> dict:
         uploads, fields = await parse_form(request, body, o.max_images)
         top_k = _top_k(fields.get("top_k"), min(o.max_top_k, service.map.count))
         rerank = _flag(fields.get("rerank"), "rerank")
+        if rerank and not service.map.has_local:
+            raise Rejected(
+                422, "this map keeps no local features, so it cannot re-rank; send rerank=false"
+            )
         received = time.perf_counter()
         results, timings = await service.pool.submit(
             ticket, _localize_job, service, uploads, top_k, rerank
         )
     timings["receive_s"] = received - start
+    timings["queue_s"] = timings.pop("started") - received
     timings["total_s"] = time.perf_counter() - start
     return {
         "results": [_result(r) for r in results],
@@ -162,7 +167,7 @@ async def localize(request: Request) -> dict:
 def _localize_job(service, uploads, top_k: int, rerank: bool):
     """On a worker thread: decode (in parallel with other workers), then localize (one at a
     time, the Localizer being single-threaded)."""
-    queued = time.perf_counter()
+    started = time.perf_counter()
     images = [decode_image(u, service.options.max_pixels) for u in uploads]
     decoded = time.perf_counter()
     with service.model_lock:
@@ -171,11 +176,13 @@ def _localize_job(service, uploads, top_k: int, rerank: bool):
             results = service.localizer.localize(
                 images, names=[u.name for u in uploads], top_k=top_k, rerank=rerank
             )
-        except VprkitError as e:  # e.g. re-ranking asked of a map without local features
-            raise Rejected(422, str(e)) from None
+        except VprkitError as e:  # e.g. re-ranking asked of a method without a re-ranker
+            # Said without the map's folder: server paths stay on the server.
+            raise Rejected(422, str(e).replace(str(service.map.folder), "the map")) from None
     done = time.perf_counter()
     return results, {
-        "decode_s": decoded - queued,
+        "started": started,
+        "decode_s": decoded - started,
         "lock_wait_s": locked - decoded,
         "localize_s": done - locked,
     }
