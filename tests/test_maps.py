@@ -477,3 +477,31 @@ def test_bad_input_is_one_line(city_map, tiny_synthetic, tmp_path, capsys, args,
     err = capsys.readouterr().err
     assert status in (1, 2) and message in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_the_map_page_draws_in_a_real_browser(city_map, tiny_synthetic, tmp_path):
+    """The offline page's script draws every photo, estimate and true position in headless
+    Chromium (Debian's; CI installs it)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium here: apt-get install chromium (CI installs it)")
+    out = tmp_path / "run"
+    queries = _queries(tiny_synthetic)
+    assert main(["localize", "--map", str(city_map.folder), str(queries), "--out", str(out)]) == 0
+    dom = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--dump-dom",
+            (out / "map.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    n = len(list(queries.glob("*.jpg")))
+    assert dom.count('class="db"') == city_map.count
+    assert dom.count('class="est"') == n and dom.count('class="truth"') == n
