@@ -32,6 +32,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("vprkit.train.loop", "train a method (one loop; torchrun for several processes)"),
     "synth": ("vprkit.data.synthetic", "generate synthetic places (GSV-Cities and VG formats)"),
     "mine": ("vprkit.mine", "pre-compute hard negatives for training (R2Former's file)"),
+    "export": ("vprkit.export.cli", "a model as an ONNX or TorchScript file, for deployment"),
 }
 
 DEBUG_HELP = "show the traceback of every failure (also VPRKIT_DEBUG=1)"
