@@ -99,7 +99,9 @@ def export_torchscript(
     staging = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     try:
         extra = {EXTRA_FILE: json.dumps(metadata, sort_keys=True)}
-        torch.jit.save(traced, str(staging), _extra_files=extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is the ask here
+            torch.jit.save(traced, str(staging), _extra_files=extra)
         os.replace(staging, out)
     finally:
         staging.unlink(missing_ok=True)
@@ -125,7 +127,9 @@ def _verify(traced, wrapped, sample: Tensor, fields, atol: float, out: Path) -> 
 def load_torchscript(path: str | os.PathLike) -> tuple[torch.jit.ScriptModule, dict]:
     """The traced module and its metadata."""
     extra = {EXTRA_FILE: ""}
-    module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     if not extra[EXTRA_FILE]:
         raise VprkitError(f"{path}: a TorchScript file without vprkit's metadata")
     return module, json.loads(extra[EXTRA_FILE])
