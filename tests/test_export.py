@@ -152,7 +152,9 @@ def test_r2former_reranker_graph_gives_the_same_order(shared_data, tmp_path):
     got = onnx_model.rerank_scores(*args)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
     for e, g in zip(expected, got, strict=True):
-        assert np.array_equal(np.argsort(-e.numpy(), kind="stable"), np.argsort(-g.numpy(), kind="stable"))
+        assert np.array_equal(
+            np.argsort(-e.numpy(), kind="stable"), np.argsort(-g.numpy(), kind="stable")
+        )
     # Unbatched, as R2Former.rerank_scores.
     torch.testing.assert_close(
         onnx_model.rerank_scores(*(a[0] for a in args)), expected[0], atol=ATOL, rtol=0
@@ -262,7 +264,7 @@ def test_torchscript_trace_equals_pytorch(name, tmp_path):
     model = tiny(name)
     hw = CASES[name][1]
     path = tmp_path / f"{name}.pt"
-    meta = export_torchscript(model, path, hw)
+    export_torchscript(model, path, hw)
     traced, stored = load_torchscript(path)
     assert stored["method"] == name and stored["image_size"] == list(hw)
     x = torch.randn(3, 3, *hw, generator=torch.Generator().manual_seed(1))

@@ -30,6 +30,5 @@ def require(module: str):
         return importlib.import_module(module)
     except ImportError:
         raise VprkitError(
-            f"{module} is not installed: it is needed to export or run ONNX models; "
-            f"{INSTALL_HINT}"
+            f"{module} is not installed: it is needed to export or run ONNX models; {INSTALL_HINT}"
         ) from None

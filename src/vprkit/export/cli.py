@@ -110,7 +110,11 @@ def run(args: argparse.Namespace) -> int:
         if hasattr(model, "Reranker") and not args.no_local:  # R2Former's re-ranker graph
             rerank_out = reranker_path(args.out)
             rr = export_r2former_reranker(
-                model, rerank_out, weights=weights, image_size=hw, opset=args.opset,
+                model,
+                rerank_out,
+                weights=weights,
+                image_size=hw,
+                opset=args.opset,
                 atol=args.atol,
             )
             print(

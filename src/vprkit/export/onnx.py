@@ -522,7 +522,10 @@ def _verify_reranker(path: Path, graph: nn.Module, sample, *, atol: float, label
         batch = tuple(t[:size] for t in sample)
         with torch.no_grad():
             expected = graph(*batch)
-        got = session.run(list(RERANKER_OUTPUTS), dict(zip(RERANKER_INPUTS, (t.numpy() for t in batch), strict=True)))
+        got = session.run(
+            list(RERANKER_OUTPUTS),
+            dict(zip(RERANKER_INPUTS, (t.numpy() for t in batch), strict=True)),
+        )
         for name, e, g in zip(RERANKER_OUTPUTS, expected, got, strict=True):
             diff = float(np.abs(e.numpy() - g).max())
             worst = max(worst, diff)

@@ -163,7 +163,9 @@ class OnnxModel(nn.Module):
             names = ["global_desc"]
         feed = np.ascontiguousarray(images.detach().float().cpu().numpy())
         results = self.session.run(names, {"images": feed})
-        tensors = {n: torch.from_numpy(r).to(images.device) for n, r in zip(names, results)}
+        tensors = {
+            n: torch.from_numpy(r).to(images.device) for n, r in zip(names, results, strict=True)
+        }
         if self._type is None:
             return tensors["output"]
         return self._type(**self._constants, **tensors)
