@@ -123,6 +123,7 @@ def test_extract_with_onnx_has_its_own_fingerprint(shared_data, tmp_path, capsys
         (["--onnx", "{onnx}", "--weights", "random"], "argument --weights: "),
         (["--onnx", "{onnx}", "--image_size", "56", "56"], "was exported for 56x70 (H x W)"),
         (["--onnx", "{onnx}", "--model_option", "depth=2"], "its architecture is fixed"),
+        (["--onnx", "{onnx}", "--precision", "bf16"], "runs in fp32"),
         ([], "the following arguments are required: --method"),
     ],
 )

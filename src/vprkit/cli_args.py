@@ -294,6 +294,11 @@ def check_onnx_arguments(args: argparse.Namespace) -> None:
         )
     _check_onnx_options(method, args.model_option, meta, path)
     check_onnx_image_size(meta, getattr(args, "image_size", None), path)
+    if getattr(args, "precision", "fp32") != "fp32":
+        raise UsageError(
+            f"argument --precision: {path} runs in fp32 (ONNX Runtime does not autocast): "
+            "leave --precision out"
+        )
     args.method, args.weights = method, str(path)
 
 
