@@ -203,3 +203,33 @@ def test_missing_onnx_package_is_one_line(tmp_path, capsys, monkeypatch):
         "vprkit export: error: onnx is not installed: it is needed to export or run ONNX "
         "models; pip install vprkit[export]\n"
     )
+
+
+def test_stages_on_onnx_features_rerank_with_the_exported_reranker(shared_data, tmp_path):
+    """extract (ONNX) -> retrieve -> rerank: `vprkit rerank` rebuilds the model from the
+    features' record, here the ONNX file with its re-ranker graph, and re-ranks as `vprkit
+    eval --backend onnxruntime` does."""
+    from vprkit.pipeline.predictions import load_predictions
+
+    path = tmp_path / "r2.onnx"
+    assert export("r2former", path) == 0
+    data = ["--dataset_folder", str(shared_data / "corridor"), "--num_workers", "0"]
+    feats = tmp_path / "feats"
+    assert cli_main(["extract", "--onnx", str(path), *data, "--out", str(feats)]) == 0
+    retrieved, reranked = tmp_path / "r.npz", tmp_path / "rr.npz"
+    assert (
+        cli_main(["retrieve", "--features", str(feats), "-k", "10", "--out", str(retrieved)]) == 0
+    )
+    argv = ["rerank", "--features", str(feats), "--predictions", str(retrieved)]
+    assert cli_main([*argv, "--rerank_num", "10", "--out", str(reranked)]) == 0
+    save = tmp_path / "runs"
+    eval_argv = ["eval", "--onnx", str(path), *data, *COMMON[2:], "--rerank_num", "10"]
+    assert cli_main([*eval_argv, "--save_dir", str(save)]) == 0
+    (run_dir,) = [p for p in save.glob("*/*") if p.is_dir()]
+    staged = load_predictions(reranked)
+    assert (run_dir / "pairs.txt").read_text().splitlines() == [
+        f"{staged.query_names[q]} {staged.database_names[d]}"
+        for q in range(len(staged.indices))
+        for d in staged.indices[q]
+    ]
+    assert not (staged.indices == load_predictions(retrieved).indices).all()  # it re-ranked
