@@ -477,3 +477,50 @@ def test_bad_input_is_one_line(city_map, tiny_synthetic, tmp_path, capsys, args,
     err = capsys.readouterr().err
     assert status in (1, 2) and message in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_the_map_page_draws_in_a_real_browser(city_map, tiny_synthetic, tmp_path):
+    """The offline page's script draws every photo, estimate and true position in headless
+    Chromium (Debian's; CI installs it)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium here: apt-get install chromium (CI installs it)")
+    out = tmp_path / "run"
+    queries = _queries(tiny_synthetic)
+    assert main(["localize", "--map", str(city_map.folder), str(queries), "--out", str(out)]) == 0
+    dom = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--dump-dom",
+            (out / "map.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    n = len(list(queries.glob("*.jpg")))
+    assert dom.count('class="db"') == city_map.count
+    assert dom.count('class="est"') == n and dom.count('class="truth"') == n
+
+
+def test_a_map_built_and_localized_with_an_exported_onnx_model(tiny_synthetic, tmp_path):
+    pytest.importorskip("onnxruntime", reason="pip install vprkit[export]")
+    onnx = tmp_path / "tiny.onnx"
+    export = ["export", "--weights", "random", *TINY_ARGS, "--format", "onnx"]
+    assert main(export + ["--image_size", "56", "56", "--out", str(onnx)]) == 0
+    out = tmp_path / "m"
+    build = ["map", "build", str(_database(tiny_synthetic)), "--onnx", str(onnx)]
+    assert main(build + ["--out", str(out), "--num_workers", "0"]) == 0
+    m = Map.open(out)
+    assert m.meta["model"]["weights"] == str(onnx)
+    queries = sorted(_queries(tiny_synthetic).glob("*.jpg"))[:3]
+    from_onnx = m.localizer().localize(queries, top_k=3)
+    torch_map, _ = _build(_database(tiny_synthetic), tmp_path / "t")
+    from_torch = torch_map.localizer().localize(queries, top_k=3)
+    for a, b in zip(from_onnx, from_torch, strict=True):
+        assert [x.photo_id for x in a.matches] == [x.photo_id for x in b.matches]
+        assert a.latitude == pytest.approx(b.latitude, abs=1e-7)

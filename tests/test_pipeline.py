@@ -372,3 +372,22 @@ def test_eval_config_checks_its_values():
         EvalConfig(recall_values=(0, 5))
     with pytest.raises(VprkitError, match="--pca_dim and --pca_dataset_folder"):
         EvalConfig(pca_dim=8)
+
+
+def test_the_weights_hash_is_remembered_until_the_weights_change():
+    from vprkit.pipeline.fingerprint import state_sha256
+
+    model = create_model("dinov2_gem", size="vits14", depth=1)
+    first = state_sha256(model)
+    assert state_sha256(model) == first
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        next(model.parameters()).mul_(3)  # in place: a new version of the same storage
+    changed = state_sha256(model)
+    assert changed != first
+    model.load_state_dict(saved)
+    assert state_sha256(model) == first
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(2, 3, 56, 56)).global_desc.sum().backward()
+    optimizer.step()
+    assert state_sha256(model) not in (first, changed)

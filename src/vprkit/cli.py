@@ -34,6 +34,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "mine": ("vprkit.mine", "pre-compute hard negatives for training (R2Former's file)"),
     "map": ("vprkit.maps.commands", "build, grow, inspect and verify a map of geotagged photos"),
     "localize": ("vprkit.maps.commands", "where photos were taken, on a map: position, confidence"),
+    "export": ("vprkit.export.cli", "a model as an ONNX or TorchScript file, for deployment"),
     "serve": ("vprkit.serve.command", "an HTTP localization service for a map, with a map page"),
 }
 

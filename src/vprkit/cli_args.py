@@ -197,15 +197,21 @@ def parse_model_option(text: str) -> tuple[str, object]:
 # --------------------------------------------------------------------------- flag groups
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, default_method: str | None = None):
-    """`--method`, `--weights`, `--model_option` and `--seed` (the verbs that build a model)."""
+def add_model_arguments(
+    parser: argparse.ArgumentParser, default_method: str | None = None, backends: bool = True
+):
+    """`--method`, `--weights`, `--model_option` and `--seed` (the verbs that build a model);
+    with `backends`, also `--backend` and `--onnx` (an exported file run by ONNX Runtime,
+    which then names the method: `check_model` fills `--method` and `--weights` in)."""
     model = parser.add_argument_group("model")
     model.add_argument(
         "--method",
-        required=default_method is None,
+        # Checked by check_model, not argparse: --onnx FILE names the method itself.
+        required=default_method is None and not backends,
         default=default_method,
         help="a registered model: vprkit models"
-        + ("" if default_method is None else " (default: %(default)s)"),
+        + ("" if default_method is None else " (default: %(default)s)")
+        + ("; required unless --onnx gives the file that names it" if backends else ""),
     )
     model.add_argument(
         "--weights",
@@ -229,6 +235,97 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_method: str | N
         default=0,
         help="torch seed set before the model is built: reproducible --weights random",
     )
+    if backends:
+        add_backend_arguments(model)
+
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+def add_backend_arguments(group: argparse._ArgumentGroup) -> None:
+    """`--backend` and `--onnx`: run a file `vprkit export` wrote instead of PyTorch."""
+    group.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="torch (the PyTorch model) or onnxruntime (an exported file: --onnx); default: "
+        "onnxruntime with --onnx, else torch",
+    )
+    group.add_argument(
+        "--onnx",
+        type=existing_file,
+        help="a model exported by vprkit export --format onnx, run by ONNX Runtime (pip install "
+        "vprkit[export]); method, options, weights and input size come from the file",
+    )
+
+
+def uses_onnx(args: argparse.Namespace) -> bool:
+    """Whether the flags ask for an exported ONNX file (`--backend onnxruntime`, `--onnx`)."""
+    backend, onnx = getattr(args, "backend", None), getattr(args, "onnx", None)
+    if backend == "torch" and onnx is not None:
+        raise UsageError(
+            "argument --onnx: an ONNX file runs with --backend onnxruntime, not torch; drop "
+            "--backend torch (or --onnx)"
+        )
+    if backend == "onnxruntime" and onnx is None:
+        raise UsageError(
+            "argument --backend: onnxruntime runs an exported file: add --onnx FILE (vprkit "
+            "export --format onnx writes one)"
+        )
+    return onnx is not None
+
+
+def check_onnx_arguments(args: argparse.Namespace) -> None:
+    """`--onnx FILE`: the file's method and weights go into `args.method` and `args.weights`
+    (so `build_model(args.method, args.weights, ...)` loads it); `--method`, `--weights`,
+    `--model_option` and `--image_size` must agree with the file."""
+    from vprkit.export.onnx import read_metadata
+
+    path = args.onnx
+    if args.weights is not None:
+        raise UsageError(
+            f"argument --weights: {path}'s weights are inside it; leave --weights out with --onnx"
+        )
+    meta = read_metadata(path)
+    method = meta.get("method")
+    if args.method is not None and args.method != method:
+        raise UsageError(
+            f"argument --method: {path} was exported from {method}, not {args.method}; leave "
+            "--method out (the file names it) or give the right file"
+        )
+    _check_onnx_options(method, args.model_option, meta, path)
+    check_onnx_image_size(meta, getattr(args, "image_size", None), path)
+    if getattr(args, "precision", "fp32") != "fp32":
+        raise UsageError(
+            f"argument --precision: {path} runs in fp32 (ONNX Runtime does not autocast): "
+            "leave --precision out"
+        )
+    args.method, args.weights = method, str(path)
+
+
+def _check_onnx_options(method: str, options: list, meta: dict, path) -> None:
+    if not options:
+        return
+    import json
+
+    given = json.loads(json.dumps(model_options(method, options), default=repr))
+    if any(meta.get("options", {}).get(k) != v for k, v in given.items()):
+        raise UsageError(
+            f"argument --model_option: {path} was exported with options "
+            f"{meta.get('options')}; its architecture is fixed: leave --model_option out"
+        )
+
+
+def check_onnx_image_size(meta: dict, image_size: list[int] | None, path) -> None:
+    """An exported model takes one input size: `--image_size` may only repeat it."""
+    if image_size is None:
+        return
+    h, w = meta["image_size"]
+    if list(image_size) != [h, w]:
+        raise UsageError(
+            f"argument --image_size: {path} was exported for {h}x{w} (H x W) inputs, not "
+            f"{' x '.join(map(str, image_size))}: leave --image_size out (or give {h} {w}), "
+            f"or export the model again with --image_size {' '.join(map(str, image_size))}"
+        )
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -519,7 +616,13 @@ def default_weights(method: str, options: dict, meta: nn.Module) -> str | None:
 
 def check_model(args: argparse.Namespace) -> None:
     """`--method`, `--model_option`, `--image_size` and the default weights checked without
-    building the model or reading a file: before the dataset is read."""
+    building the model or reading a file: before the dataset is read. With `--onnx FILE`, the
+    file's metadata is read and fills `--method` and `--weights` in."""
+    if uses_onnx(args):
+        check_onnx_arguments(args)
+        return
+    if args.method is None:
+        raise UsageError("the following arguments are required: --method (or --onnx FILE)")
     options = model_options(args.method, args.model_option)
     meta = _meta_model(args.method, options)
     meta.vprkit_name = args.method
@@ -539,7 +642,14 @@ def build_model(
     """The model the flags ask for, and how its weights are named ("random", a file or an
     official name; None for a parameter-free model). Options, input size and weights are
     checked before the model is built; `seed` is set just before, so that a random
-    initialization is reproducible (`--seed 0` is `torch.manual_seed(0)`)."""
+    initialization is reproducible (`--seed 0` is `torch.manual_seed(0)`).
+
+    `weights` naming an exported `.onnx` file gives its `vprkit.export.runtime.OnnxModel`
+    (run by ONNX Runtime), after checking `method`, `options` and `image_size` against it."""
+    from vprkit.export.runtime import is_onnx_file
+
+    if is_onnx_file(weights):
+        return _onnx_model(method, Path(weights).expanduser(), options, image_size), weights
     options = model_options(method, options)
     meta = _meta_model(method, options)
     meta.vprkit_name = method
@@ -560,6 +670,22 @@ def build_model(
             f"{seed}); its figures are those of an untrained network"
         )  # stdout, with the run's log: stderr is for the one line of a failure
     return model, weights
+
+
+def _onnx_model(
+    method: str | None, path: Path, options: list, image_size: list[int] | None
+) -> nn.Module:
+    from vprkit.export.runtime import load_onnx_model
+
+    model = load_onnx_model(path)
+    meta = model.metadata
+    if method is not None and method != meta.get("method"):
+        raise UsageError(
+            f"argument --method: {path} was exported from {meta.get('method')}, not {method}"
+        )
+    _check_onnx_options(meta.get("method"), options, meta, path)
+    check_onnx_image_size(meta, image_size, path)
+    return model
 
 
 def make_preprocess(model: torch.nn.Module, image_size: list[int] | None) -> Preprocess:

@@ -290,7 +290,6 @@ def build_map(
         "model": {
             **settings["model"],
             **chunks[0].record,
-            "weights": chunks[0].record.get("weights"),
         },
         "preprocess": settings["preprocess"],
         "batch_size": batch_size,

@@ -32,7 +32,7 @@ class Dinov2Baseline(Backbone):
             # As the methods pool: L2-normalize each patch token, then GeM (p=3).
             rows, cols = out.grid_size
             tokens = F.normalize(out.patch_tokens, dim=-1)
-            desc = gem(tokens.transpose(1, 2).reshape(len(tokens), -1, rows, cols))[:, :, 0, 0]
+            desc = gem(tokens.transpose(1, 2).reshape(tokens.shape[0], -1, rows, cols))[:, :, 0, 0]
         return DescriptorOutput(global_desc=F.normalize(desc, dim=-1))
 
 

@@ -10,8 +10,10 @@ from torch import Tensor, nn
 
 def gem(x: Tensor, p: float | Tensor = 3.0, eps: float = 1e-6) -> Tensor:
     """Generalized mean over the spatial axes of a (B, C, H, W) map -> (B, C, 1, 1), as the
-    VG benchmark's `gem` (average pooling of clamped powers)."""
-    return F.avg_pool2d(x.clamp(min=eps).pow(p), (x.size(-2), x.size(-1))).pow(1.0 / p)
+    VG benchmark's `gem` (average pooling of clamped powers). The kernel is plain ints, so that
+    a traced graph (ONNX export, at a fixed input size) holds it as a constant."""
+    kernel = (int(x.shape[-2]), int(x.shape[-1]))
+    return F.avg_pool2d(x.clamp(min=eps).pow(p), kernel).pow(1.0 / p)
 
 
 class GeM(nn.Module):

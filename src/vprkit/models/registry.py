@@ -60,10 +60,15 @@ def _check_known(name: str) -> None:
 
 def model_info(model_or_name: str | nn.Module) -> ModelInfo:
     """The `ModelInfo` of a registered name, or of a model `create_model` made (it records
-    the name); a model the registry did not make gets the default `ModelInfo()`."""
+    the name); a model the registry did not make gets the default `ModelInfo()`. A model
+    carrying its own `vprkit_info` (an exported file run by ONNX Runtime: its input size is
+    the export's) gets that."""
     if isinstance(model_or_name, str):
         _check_known(model_or_name)
         return _INFO[model_or_name]
+    own = getattr(model_or_name, "vprkit_info", None)
+    if isinstance(own, ModelInfo):
+        return own
     _ensure_builtin_models()
     return _INFO.get(getattr(model_or_name, "vprkit_name", None), ModelInfo())
 
