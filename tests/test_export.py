@@ -57,7 +57,9 @@ def test_every_registered_model_has_a_case():
     """A model added to the registry must be added here (and so checked to export)."""
     covered = set(CASES) | {"dinov2_vit" + s for s in ("s14", "b14", "l14", "g14")}
     covered |= {f"dinov2_vit{s}_reg4" for s in ("b14", "l14", "g14")}  # same code as vits14
-    assert set(vprkit.list_models()) <= covered
+    # Names with a leading underscore are registered by other test modules, not by vprkit.
+    registered = {name for name in vprkit.list_models() if not name.startswith("_")}
+    assert registered <= covered
 
 
 def photos(root, hw, count):

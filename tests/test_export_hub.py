@@ -30,7 +30,8 @@ def test_every_registered_model_is_an_entry_point():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     names = {n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")}
-    assert set(vprkit.list_models()) <= names
+    # Names with a leading underscore are registered by other test modules, not by vprkit.
+    assert {n for n in vprkit.list_models() if not n.startswith("_")} <= names
     assert "official weights (cricavpr)" in module.cricavpr.__doc__
 
 
