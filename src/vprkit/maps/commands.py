@@ -254,7 +254,7 @@ def add_localize_arguments(parser: argparse.ArgumentParser) -> None:
         help="an estimate this close is correct",
     )
     group.add_argument(
-        "--pictures", type=int, default=5, help="matches per query picture (0: none)"
+        "--pictures", type=non_negative_int, default=5, help="matches per query picture (0: none)"
     )
     group.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N")
 

@@ -16,7 +16,6 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -121,7 +120,7 @@ class Localizer:
 
     # ------------------------------------------------------------------ encoding
 
-    def _tensor(self, image: ImageInput, name: str) -> Tensor:
+    def _tensor(self, image: ImageInput) -> Tensor:
         if isinstance(image, Image.Image):
             return self.preprocess(image.convert("RGB"))
         return self.preprocess(load_image(image))
@@ -175,7 +174,7 @@ class Localizer:
         for start in range(0, len(images), group):
             batch = list(range(start, min(start + group, len(images))))
             t0 = time.perf_counter()
-            tensors = [self._tensor(images[i], names[i]) for i in batch]
+            tensors = [self._tensor(images[i]) for i in batch]
             global_desc, local = self.encode(tensors, local=reranker is not None)
             extract_s = (time.perf_counter() - t0) / len(batch)
             for j, i in enumerate(batch):
@@ -247,7 +246,7 @@ class Localizer:
                 depth,
                 scorer,
                 tie_order=self.info.default_tie_order(reranker),
-                label="re-ranking",
+                progress=False,  # one query at a time: a bar per query is noise
             )
             indices, distances = apply_order(indices, orders), apply_order(distances, orders)
             scores = scores[0]
@@ -296,8 +295,3 @@ class Localizer:
                 "estimate_s": t3 - t2,
             },
         )
-
-
-def localize_paths(m: Map, paths: Sequence[str | os.PathLike], **options) -> list[Localization]:
-    """`Map.localizer().localize(paths)` in one call."""
-    return m.localizer().localize([Path(p) for p in paths], **options)

@@ -26,6 +26,7 @@ def rerank_order(
     score_fn: Callable[[int, np.ndarray], np.ndarray],
     label: str = "re-ranking",
     tie_order: str = "stable",
+    progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each query, the order of its first `rerank_num` predictions by descending
     `score_fn(query, candidates)`, ties as `tie_order` says (`descending_order`; default: the
@@ -36,7 +37,10 @@ def rerank_order(
     n = min(rerank_num, predictions.shape[1])
     orders = np.zeros((len(predictions), n), dtype=np.int64)
     all_scores = np.zeros((len(predictions), n), dtype=np.float64)
-    for q in tqdm(range(len(predictions)), desc=label, unit="query", leave=False):
+    queries = tqdm(
+        range(len(predictions)), desc=label, unit="query", leave=False, disable=not progress
+    )
+    for q in queries:
         scores = np.asarray(score_fn(q, predictions[q, :n]))
         if scores.shape != (n,):
             raise ValueError(f"the scorer gave {scores.shape} scores for {n} candidates")
