@@ -230,8 +230,8 @@ def synthetic_map(
     folder: Path, model, preprocess, xy: np.ndarray, desc: np.ndarray, chunk_size: int, batch: int
 ) -> Path:
     """A map folder of descriptors without images, with the files and map.json `build_map`
-    writes (a helper the library lacks: see the report)."""
-    from vprkit.maps.build import _batch_rule, _chunk_entry, _settings
+    writes."""
+    from vprkit.maps.build import _settings, new_map_meta
     from vprkit.maps.folder import MapPhoto, chunk_folder, write_generation
     from vprkit.maps.positions import UtmZone, unproject
     from vprkit.pipeline import fingerprint as fp
@@ -287,29 +287,7 @@ def synthetic_map(
         )
         for i in range(n)
     ]
-    now = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
-    meta = {
-        "format": "vprkit-map",
-        "version": 1,
-        "generation": 1,
-        "created": now,
-        "updated": now,
-        "vprkit_version": vprkit.__version__,
-        "model": {**settings["model"], **record, "weights": record["weights"]},
-        "preprocess": settings["preprocess"],
-        "batch_size": batch,
-        "chunk_size": chunk_size,
-        "batch_rule": _batch_rule(batch, chunk_size),
-        "precision": "fp32",
-        "descriptor_dim": int(desc.shape[1]),
-        "image_hw": list(image_hw),
-        "local": None,
-        "photos_root": str(photos_root),
-        "utm_zone": {"number": zone.number, "hemisphere": zone.hemisphere, "epsg": zone.epsg},
-        "chunks": [_chunk_entry(c, folder) for c in chunks],
-    }
-    for key in ("device", "root", "vprkit_version"):
-        meta["model"].pop(key, None)
+    meta = new_map_meta(settings, chunks, folder, zone)
     write_generation(folder, meta, photos, {}, flat_index(desc))
     return folder
 

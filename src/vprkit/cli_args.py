@@ -471,6 +471,14 @@ def add_reranker_arguments(group: argparse._ArgumentGroup | argparse.ArgumentPar
     )
 
 
+def add_keep_local_argument(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    group.add_argument(
+        "--local",
+        action=argparse.BooleanOptionalAction,
+        help="keep local features for re-ranking; default: when the method re-ranks",
+    )
+
+
 def add_local_fp16_argument(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
     group.add_argument(
         "--local_features_fp16",

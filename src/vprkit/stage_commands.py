@@ -20,6 +20,7 @@ from vprkit.atomic import write_text
 from vprkit.cli_args import (
     add_dataset_arguments,
     add_extraction_arguments,
+    add_keep_local_argument,
     add_local_fp16_argument,
     add_model_arguments,
     add_recall_values,
@@ -68,11 +69,7 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_dataset_arguments(parser)
     run = add_extraction_arguments(parser)
-    run.add_argument(
-        "--local",
-        action=argparse.BooleanOptionalAction,
-        help="keep local features for re-ranking; default: when the method re-ranks",
-    )
+    add_keep_local_argument(run)
     add_local_fp16_argument(run)
     parser.add_argument(
         "--out",

@@ -279,34 +279,7 @@ def build_map(
     )
     mapped = _map_photos(keys, known, root, 0, zone)
     descriptors = np.concatenate([np.asarray(c.global_desc) for c in chunks])
-    now = _now()
-    meta = {
-        "format": "vprkit-map",
-        "version": 1,
-        "generation": 1,
-        "created": now,
-        "updated": now,
-        "vprkit_version": vprkit.__version__,
-        "model": {
-            **settings["model"],
-            **chunks[0].record,
-        },
-        "preprocess": settings["preprocess"],
-        "batch_size": batch_size,
-        "chunk_size": chunk_size,
-        "batch_rule": _batch_rule(batch_size, chunk_size),
-        "precision": precision,
-        "descriptor_dim": int(descriptors.shape[1]),
-        "image_hw": list(chunks[0].image_hw),
-        "local": None
-        if not local
-        else {"dtype": local_dtype, "shape": list(chunks[0].local.feature_shape)},
-        "photos_root": str(root),
-        "utm_zone": {"number": zone.number, "hemisphere": zone.hemisphere, "epsg": zone.epsg},
-        "chunks": [_chunk_entry(c, staging) for c in chunks],
-    }
-    for key in ("device", "root", "vprkit_version"):
-        meta["model"].pop(key, None)
+    meta = new_map_meta(settings, chunks, staging, zone)
     write_generation(staging, meta, mapped, excluded, flat_index(descriptors))
     (staging / BUILD_SETTINGS).unlink()
     if out.is_dir():
@@ -314,6 +287,39 @@ def build_map(
     os.replace(staging, out)
     built = Map.open(out)
     return built, summary(built, len(paths), len(mapped), excluded)
+
+
+def new_map_meta(settings: dict, chunks: list[Features], folder: Path, zone: UtmZone) -> dict:
+    """`map.json`'s content for a first generation made of `chunks` (features folders under
+    `folder`) with `settings` (`_settings`: model, preprocessing, batch size, precision,
+    local features, chunk size, photos root); `write_generation` adds the files' names."""
+    now = _now()
+    local = settings["local"]
+    meta = {
+        "format": "vprkit-map",
+        "version": 1,
+        "generation": 1,
+        "created": now,
+        "updated": now,
+        "vprkit_version": vprkit.__version__,
+        "model": {**settings["model"], **chunks[0].record},
+        "preprocess": settings["preprocess"],
+        "batch_size": settings["batch_size"],
+        "chunk_size": settings["chunk_size"],
+        "batch_rule": _batch_rule(settings["batch_size"], settings["chunk_size"]),
+        "precision": settings["precision"],
+        "descriptor_dim": int(chunks[0].global_desc.shape[1]),
+        "image_hw": list(chunks[0].image_hw),
+        "local": None
+        if not local
+        else {"dtype": local["dtype"], "shape": list(chunks[0].local.feature_shape)},
+        "photos_root": settings["photos_root"],
+        "utm_zone": {"number": zone.number, "hemisphere": zone.hemisphere, "epsg": zone.epsg},
+        "chunks": [_chunk_entry(c, folder) for c in chunks],
+    }
+    for key in ("device", "root", "vprkit_version"):
+        meta["model"].pop(key, None)  # where and with what it ran, not what made it
+    return meta
 
 
 def _check_resume(staging: Path, settings: dict) -> None:

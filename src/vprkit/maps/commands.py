@@ -16,6 +16,7 @@ from pathlib import Path
 from vprkit.cli_args import (
     add_device_arguments,
     add_extraction_arguments,
+    add_keep_local_argument,
     add_local_fp16_argument,
     add_model_arguments,
     check_model,
@@ -42,11 +43,7 @@ def add_map_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(build)
     _add_position_arguments(build)
     run = add_extraction_arguments(build)
-    run.add_argument(
-        "--local",
-        action=argparse.BooleanOptionalAction,
-        help="keep local features for re-ranking; default: when the method re-ranks",
-    )
+    add_keep_local_argument(run)
     add_local_fp16_argument(run)
     run.add_argument(
         "--chunk_size",
