@@ -283,3 +283,37 @@ def test_bad_inputs_are_clear():
         vprkit.create_model("nope")
     with pytest.raises(TypeError, match="unknown ViT option"):
         vprkit.create_model("dinov2_vits14", depht=2)
+
+
+@pytest.mark.parametrize(
+    "name, h, w", [("dinov2_vits14", 70, 98), ("deit_small_distilled_patch16_224", 64, 96)]
+)
+def test_the_interpolated_pos_embed_is_kept_per_size_until_the_weights_change(name, h, w):
+    torch.manual_seed(0)
+    model = vprkit.create_model(name, depth=1).eval()
+    x = torch.randn(2, 3, h, w)
+    with torch.no_grad():
+        fresh = model._interpolate_pos_embed(h, w)
+        first = model.interpolate_pos_embed(h, w)
+        assert torch.equal(first, fresh)
+        assert model.interpolate_pos_embed(h, w) is first  # kept, not recomputed
+        out = model(x)
+    # A fresh model with the same weights, which has kept nothing: bit-identical outputs.
+    twin = vprkit.create_model(name, depth=1).eval()
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(twin(x).patch_tokens, out.patch_tokens)
+        # A weight load drops what was kept.
+        changed = {k: v + 1 if k == "pos_embed" else v for k, v in model.state_dict().items()}
+        model.load_state_dict(changed)
+        again = model.interpolate_pos_embed(h, w)
+        assert torch.equal(again, model._interpolate_pos_embed(h, w))
+        assert not torch.equal(again, first)
+    # Training: the pos-embed is differentiated through, and a step drops what was kept.
+    model.train()
+    optimizer = torch.optim.SGD([model.pos_embed], lr=0.1)
+    model(x).patch_tokens.sum().backward()
+    assert model.pos_embed.grad is not None and model.pos_embed.grad.abs().sum() > 0
+    optimizer.step()
+    with torch.no_grad():
+        assert torch.equal(model.interpolate_pos_embed(h, w), model._interpolate_pos_embed(h, w))

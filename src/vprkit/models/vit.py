@@ -21,6 +21,9 @@ from torch import Tensor, nn
 
 from vprkit.errors import VprkitError
 
+# Input sizes whose interpolated pos-embed a ViT keeps (inference at a few sizes).
+_POS_EMBED_CACHE_SIZE = 8
+
 
 @dataclass(frozen=True)
 class ViTConfig:
@@ -332,7 +335,24 @@ class VisionTransformer(nn.Module):
         return TokenLayout(self.cfg.num_prefix_tokens, (height // p, width // p))
 
     def interpolate_pos_embed(self, height: int, width: int) -> Tensor:
-        """The pos-embed for an input of height x width pixels, as the official code makes it."""
+        """The pos-embed for an input of height x width pixels, as the official code makes it.
+
+        Without gradients to it, the result is kept per input size and reused while the stored
+        pos-embed is unchanged: a weight load or an optimizer step changes its version counter
+        (or its storage), which drops the kept one. With gradients (training) it is computed
+        on every call, inside the autograd graph."""
+        stored = self.pos_embed
+        if torch.is_grad_enabled() and stored.requires_grad:
+            return self._interpolate_pos_embed(height, width)
+        key = (height, width, stored.data_ptr(), stored._version, stored.dtype, stored.device)
+        cache = self.__dict__.setdefault("_pos_embed_cache", {})
+        if key not in cache:
+            if len(cache) >= _POS_EMBED_CACHE_SIZE:
+                cache.pop(next(iter(cache)))  # the oldest size
+            cache[key] = self._interpolate_pos_embed(height, width).detach()
+        return cache[key]
+
+    def _interpolate_pos_embed(self, height: int, width: int) -> Tensor:
         cfg = self.cfg
         rows, cols = height // cfg.patch_size, width // cfg.patch_size
         n_prefix = 1 + int(cfg.distilled)
