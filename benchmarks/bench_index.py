@@ -5,7 +5,9 @@ from a real layout (`../shared/data/utm_ground_truth/<layout>.npz`: Tokyo 24/7 b
 or Pitts30k, Nordland), scaled up to `--database` photos (every position once, then drawn
 again, 3 m jitter); queries at the layout's query positions (`utmQ`, resampled the same
 way); descriptors a smooth random field of position (random Fourier features at 30 m and
-300 m, PCA-like decaying amplitudes) plus per-photo noise, L2-normalized. Neighbours in space
+300 m, PCA-like decaying amplitudes) plus per-photo noise (`--noise` for the database, a
+larger `--query-noise` for queries taken in other conditions: flat R@1 about 80%, R@5 about
+98%, in the range of strong methods on Tokyo 24/7), L2-normalized. Neighbours in space
 are thus neighbours in descriptor space, and the ground truth is the usual one: database
 photos within 25 m of the query.
 
@@ -21,7 +23,7 @@ photos within 25 m of the query.
    against the ground truth, before re-scoring (the index's own order) and after exact
    re-scoring of the top `--rescore`. Part 1's reduced descriptors get the same comparison.
 
-The default run (100,000 x 512-D and 20,000 x 10,752-D, 1,000 queries) takes a few minutes
+The default run (100,000 x 512-D and 100,000 x 10,752-D, 1,000 queries) takes a few minutes
 on 2 busy cores; `--database 1000000 --highdim 200000` is the issue's scale (tens of
 minutes: IVF training and HNSW construction dominate).
 
@@ -143,15 +145,15 @@ def part_highdim(args, work: Path, rng) -> tuple[list[str], dict]:
     del train
     t_pca = time.perf_counter() - t0
 
-    def reduced(points, seed):
+    def reduced(points, seed, level):
         noise = np.random.default_rng(seed)
-        for block in field.blocks(points, args.noise, noise, block=args.block):
+        for block in field.blocks(points, level, noise, block=args.block):
             out = pca.transform(block).astype(np.float32)
             yield out
 
     t0 = time.perf_counter()
-    db = write_memmap(work / "highdim_db.npy", reduced(xy, args.seed + 2), n, small)
-    q = np.concatenate(list(reduced(qxy, args.seed + 3)))
+    db = write_memmap(work / "highdim_db.npy", reduced(xy, args.seed + 2, args.noise), n, small)
+    q = np.concatenate(list(reduced(qxy, args.seed + 3, args.query_noise)))
     t_gen = time.perf_counter() - t0
     peak = peak_rss()
     whole = n * big * 4
@@ -183,7 +185,7 @@ def part_main(args, work: Path, rng) -> tuple[list[str], dict]:
         len(xy),
         args.dim,
     )
-    q = field.at(qxy, args.noise, np.random.default_rng(args.seed + 5))
+    q = field.at(qxy, args.query_noise, np.random.default_rng(args.seed + 5))
     positives = positives_within_radius(xy, qxy, 25.0)
     t_gen = time.perf_counter() - t0
     lines = [
@@ -204,13 +206,19 @@ def main() -> None:
     p.add_argument("--database", type=int, default=100_000)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--queries", type=int, default=1000)
-    p.add_argument("--highdim", type=int, default=20_000, help="rows of part 1 (0: skip)")
+    p.add_argument("--highdim", type=int, default=100_000, help="rows of part 1 (0: skip)")
     p.add_argument("--highdim-dim", type=int, default=10_752)
     p.add_argument("--pca-sample", type=int, default=4096)
     p.add_argument("--block", type=int, default=2048, help="rows generated at a time")
     p.add_argument("--index", action="append", help="index specs (repeat); default ivfpq, hnsw")
     p.add_argument("--rescore", type=int, default=100)
-    p.add_argument("--noise", type=float, default=0.5)
+    p.add_argument("--noise", type=float, default=1.0, help="database noise (x rms amplitude)")
+    p.add_argument(
+        "--query-noise",
+        type=float,
+        default=2.0,
+        help="query noise: queries are taken in other conditions (flat R@1 about 80%%)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     args.index = args.index or ["ivfpq", "hnsw"]

@@ -310,3 +310,25 @@ def test_a_map_build_with_a_bad_index_is_one_line(tiny_synthetic, tmp_path, caps
     assert code == 1 and err.count("\n") == 1 and "--index 'IVF4096,Flat'" in err
     assert "4096 lists needs at least 4096 training rows" in err  # refused before encoding
     assert not out.exists()
+
+
+def test_eval_with_a_compressed_index(shared_data, tmp_path, capsys):
+    """`vprkit eval --index`: re-scoring every candidate gives flat's figures and pairs; the
+    index, its build and memory are in the log and in recalls.json."""
+    base = ["eval", "--method", "dinov2_gem", *TINY_ARGS[2:], "--weights", "random",
+            "--num_workers", "0", "--image_size", "112", "112",
+            "--dataset_folder", str(shared_data / "corridor"),
+            "--features_dir", str(tmp_path / "features")]  # fmt: skip
+    assert main([*base, "--save_dir", str(tmp_path / "flat")]) == 0
+    spec = ["--index", "IVF4,PQ16x4", "--rescore", "1000"]
+    assert main([*base, "--save_dir", str(tmp_path / "ivf"), *spec]) == 0
+    runs = [next((tmp_path / side).glob("*/*")) for side in ("flat", "ivf")]
+    flat, ivf = (json.loads((r / "recalls.json").read_text()) for r in runs)
+    assert ivf["recalls"] == flat["recalls"] and "index" not in flat
+    assert (runs[0] / "pairs.txt").read_text() == (runs[1] / "pairs.txt").read_text()
+    assert ivf["index"]["index"]["factory"] == "IVF4,PQ16x4"
+    assert ivf["index"]["index"]["bytes_per_photo"] < 4 * 384
+    log = (runs[1] / "log.txt").read_text()
+    assert "index IVF4,PQ16x4" in log and "bytes per photo" in log and "top 1000 re-scored" in log
+    config = json.loads((runs[1] / "config.json").read_text())
+    assert config["index"] == "IVF4,PQ16x4" and config["rescore"] == 1000

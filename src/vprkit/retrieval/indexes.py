@@ -378,7 +378,7 @@ def search(
     k = min(int(k), n)
     q = _load_rows(queries, slice(None), "queries")
     if not rescore:
-        approx, ids = index.search(q, k)
+        approx, ids = _search_wide(index, q, k)
         return _sorted_approx(approx, ids, k)
     if full_descriptors is None or len(full_descriptors) != n:
         raise ValueError("exact re-scoring needs the full (N, D) descriptors of the index")
