@@ -104,7 +104,7 @@ def test_rescoring_agrees_with_flat_and_recall_against_ground_truth(data, spec):
 
 
 @pytest.mark.parametrize("spec", [IVFPQ, "HNSW16"])
-def test_rescoring_everything_equals_flat_exactly(data, spec):
+def test_rescoring_everything_equals_flat_exactly(data, spec, tmp_path):
     _, db, _, q = data
     flat = exact_search(db, q, 20)
     built = build_index(db, spec, seed=0)
@@ -112,10 +112,10 @@ def test_rescoring_everything_equals_flat_exactly(data, spec):
     np.testing.assert_array_equal(got[1], flat[1])
     np.testing.assert_array_equal(got[0], flat[0])
     # From a memmap too.
-    mm = np.lib.format.open_memmap(
-        str(pytest.importorskip("tempfile").mktemp(suffix=".npy")), "w+", np.float32, db.shape
-    )
+    mm = np.lib.format.open_memmap(str(tmp_path / "db.npy"), "w+", np.float32, db.shape)
     mm[:] = db
+    mm.flush()
+    mm = np.load(tmp_path / "db.npy", mmap_mode="r")
     got = search(built.index, q, 20, rescore=len(db) + 5, full_descriptors=mm)
     np.testing.assert_array_equal(got[1], flat[1])
 
