@@ -259,7 +259,7 @@ def test_a_map_with_a_compressed_index_localizes_like_flat_and_grows(
         main(["map", "build", str(photos), "--out", str(tmp_path / "c.map"), *common, *args]) == 0
     )
     out = capsys.readouterr().out
-    assert f"index {spec}" in out and "bytes per photo" in out and "top 20 re-scored" in out
+    assert f"index: {spec}" in out and "bytes per photo" in out and "top 20 re-scored" in out
     flat, comp = Map.open(tmp_path / "flat.map"), Map.open(tmp_path / "c.map")
     entry = comp.meta["index"]
     assert entry["factory"] == spec and entry["rescore"] == 20
@@ -332,3 +332,23 @@ def test_eval_with_a_compressed_index(shared_data, tmp_path, capsys):
     assert "index IVF4,PQ16x4" in log and "bytes per photo" in log and "top 1000 re-scored" in log
     config = json.loads((runs[1] / "config.json").read_text())
     assert config["index"] == "IVF4,PQ16x4" and config["rescore"] == 1000
+
+
+def test_a_map_built_with_auto_states_the_rule_and_stays_flat(tiny_synthetic, tmp_path, capsys):
+    from vprkit.maps import Map
+
+    common = TINY_ARGS + ["--weights", "random", "--image_size", "56", "56"]
+    out = tmp_path / "auto.map"
+    assert main(["map", "build", str(_database(tiny_synthetic)), "--out", str(out), *common,
+                 "--index", "auto"]) == 0  # fmt: skip
+    assert "index: exact flat (IndexFlatL2) [auto: flat, as 98 photos" in (capsys.readouterr().out)
+    m = Map.open(out)
+    assert m.meta["index"]["factory"] is None and m.index_choice()[0].flat
+    assert m.meta["index"]["reason"].startswith("auto: flat")
+    assert isinstance(m.index(), faiss.IndexFlatL2)
+    desc = m.global_descriptors()[:5]
+    np.testing.assert_array_equal(
+        m.search(desc, 3)[1], exact_search(m.global_descriptors(), desc, 3)[1]
+    )
+    assert main(["map", "info", str(out)]) == 0
+    assert "index: exact flat (IndexFlatL2) [auto: flat" in capsys.readouterr().out

@@ -343,9 +343,10 @@ def _index_line(m: Map, built) -> str:
             + (f" [{m.meta['index']['reason']}]" if m.meta.get("index") else "")
             + f"; {4 * m.meta['descriptor_dim']} bytes per photo"
         )
+    text = built.summary().removeprefix("index ")  # printed after "index: "
     if choice.flat:
-        return built.summary()
-    return built.summary() + (
+        return text
+    return text + (
         f"; top {rescore} re-scored exactly from the descriptors" if rescore else "; no re-scoring"
     )
 
