@@ -745,3 +745,36 @@ def read_dataset(args: argparse.Namespace) -> PlaceDataset:
     return read_folders(
         args.database_folder, args.queries_folder, args.ground_truth, no_labels=args.no_labels
     )
+
+
+def add_index_arguments(group) -> None:
+    """`--index`, `--rescore`, `--index_params` (map build and eval)."""
+    from vprkit.retrieval.indexes import DEFAULT_RESCORE
+
+    group.add_argument(
+        "--index",
+        default="flat",
+        help="flat (exact, the default), ivfpq, hnsw, auto (flat while N <= 1,000,000 and it "
+        "fits in a quarter of the available memory, else ivfpq), or a FAISS index-factory "
+        "string such as PCA512,IVF4096,PQ64 or HNSW32",
+    )
+    group.add_argument(
+        "--rescore",
+        type=non_negative_int,
+        default=DEFAULT_RESCORE,
+        help="with a compressed --index: re-score this many candidates per query exactly "
+        "from the full descriptors (at least k; 0: the index's own order)",
+    )
+    group.add_argument(
+        "--index_params",
+        "--index-params",
+        help="FAISS search parameters of a compressed --index, e.g. nprobe=32 or efSearch=128 "
+        "(default: nprobe=16, efSearch=64)",
+    )
+    group.add_argument(
+        "--index_seed",
+        "--index-seed",
+        type=non_negative_int,
+        default=0,
+        help="seed of the training sample of a compressed --index",
+    )

@@ -13,6 +13,7 @@ from pathlib import Path
 from vprkit.cli_args import (
     add_dataset_arguments,
     add_extraction_arguments,
+    add_index_arguments,
     add_local_fp16_argument,
     add_model_arguments,
     add_recall_values,
@@ -52,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_float,
         help="bound the search's working memory (same ranking, slower)",
     )
+    add_index_arguments(parser.add_argument_group("index (default: exact flat, as the papers)"))
     rerank = parser.add_argument_group("re-ranking (models with local features)")
     rerank.add_argument(
         "--rerank_num",
@@ -108,6 +110,10 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         pca_dim=args.pca_dim,
         pca_dataset_folder=args.pca_dataset_folder,
         memory_budget_mb=args.memory_budget_mb,
+        index=args.index,
+        rescore=args.rescore,
+        index_params=args.index_params,
+        index_seed=args.index_seed,
         rerank_num=args.rerank_num,
         reranker=args.reranker,
         tie_order=args.tie_order,

@@ -34,6 +34,7 @@ from vprkit.data.datasets import read_images_paths
 from vprkit.data.images import Preprocess
 from vprkit.errors import MissingInputError, StageMismatchError, VprkitError
 from vprkit.maps.folder import (
+    ChunkedGlobal,
     Map,
     MapPhoto,
     chunk_folder,
@@ -207,6 +208,10 @@ def build_map(
     device: str = "cpu",
     num_workers: int = 0,
     seed: int = 0,
+    index: str | None = "flat",
+    rescore: int | None = None,
+    index_params: str | None = None,
+    index_seed: int = 0,
 ) -> tuple[Map, dict]:
     """Build a map of the photos in the folder `photos` into the folder `out`; returns the
     opened map and a summary (photos in, mapped, left out and why, extent, size).
@@ -216,7 +221,15 @@ def build_map(
     `positions`: a CSV table (path relative to `photos`, latitude, longitude, optional
     heading, altitude, time), preferred over EXIF GPS and VG names. `local`: keep local
     features for re-ranking (default: when the method has a re-ranker of its own).
+    `index`: ``flat`` (exact, the default), ``ivfpq``, ``hnsw``, ``auto`` or a FAISS
+    index-factory string (`vprkit.retrieval.indexes`), trained on a sample drawn with
+    `index_seed`; `rescore`: candidates re-scored exactly per query (default 100);
+    `index_params`: FAISS search parameters (``nprobe=16``, ``efSearch=64``).
     """
+    from vprkit.retrieval.indexes import DEFAULT_RESCORE
+
+    if rescore is not None and rescore < 0:
+        raise VprkitError(f"--rescore must be 0 (off) or more, got {rescore}")
     root = Path(photos).absolute()
     out = Path(out)
     if is_map_folder(out):
@@ -236,6 +249,9 @@ def build_map(
             f"{next(iter(excluded.items()), ('', ''))[0]}: {next(iter(excluded.values()), '')}); "
             "give a positions table with --positions CSV"
         )
+    from vprkit.retrieval.indexes import check_spec_size
+
+    check_spec_size(index, len(keys))  # before any photo is encoded
     model, weights = _model_for(method, weights, model_options, model, seed, image_size)
     info = model_info(model)
     from vprkit.cli_args import make_preprocess
@@ -278,15 +294,61 @@ def build_map(
         float(np.median([known[k].longitude for k in keys])),
     )
     mapped = _map_photos(keys, known, root, 0, zone)
-    descriptors = np.concatenate([np.asarray(c.global_desc) for c in chunks])
     meta = new_map_meta(settings, chunks, staging, zone)
-    write_generation(staging, meta, mapped, excluded, flat_index(descriptors))
+    built = _map_index(chunks, index, index_params, index_seed)
+    if built is None:  # the exact flat index, as always
+        descriptors = np.concatenate([np.asarray(c.global_desc) for c in chunks])
+        faiss_index = flat_index(descriptors)
+        del descriptors
+    else:
+        faiss_index = built.index
+        meta["index"] = _index_entry(built, DEFAULT_RESCORE if rescore is None else rescore)
+    write_generation(staging, meta, mapped, excluded, faiss_index)
     (staging / BUILD_SETTINGS).unlink()
     if out.is_dir():
         out.rmdir()  # an empty folder the user made for us
     os.replace(staging, out)
-    built = Map.open(out)
-    return built, summary(built, len(paths), len(mapped), excluded)
+    made = Map.open(out)
+    result = summary(made, len(paths), len(mapped), excluded)
+    result["index"] = _index_line(made, built)
+    return made, result
+
+
+def _map_index(chunks: list[Features], spec, params, seed: int):
+    """The map's compressed index (`BuiltIndex`), or None for the exact flat index."""
+    from vprkit.retrieval.indexes import build_index, parse_index
+
+    rows = ChunkedGlobal(chunks)
+    choice = parse_index(spec, len(rows), rows.shape[1], params)
+    if choice.flat and choice.spec == "flat":
+        return None
+    return build_index(rows, choice, seed=seed)  # auto may choose flat: its reason is kept
+
+
+def _index_entry(built, rescore: int) -> dict:
+    return {
+        **built.choice.to_json(),
+        "rescore": int(rescore),
+        "train": built.train,
+        "build_s": round(built.build_s, 3),
+        "bytes_per_photo": round(built.bytes_per_photo, 1),
+    }
+
+
+def _index_line(m: Map, built) -> str:
+    choice, rescore = m.index_choice()
+    if built is None:
+        return (
+            "exact flat (IndexFlatL2)"
+            + (f" [{m.meta['index']['reason']}]" if m.meta.get("index") else "")
+            + f"; {4 * m.meta['descriptor_dim']} bytes per photo"
+        )
+    text = built.summary().removeprefix("index ")  # printed after "index: "
+    if choice.flat:
+        return text
+    return text + (
+        f"; top {rescore} re-scored exactly from the descriptors" if rescore else "; no re-scoring"
+    )
 
 
 def new_map_meta(settings: dict, chunks: list[Features], folder: Path, zone: UtmZone) -> dict:
@@ -404,7 +466,6 @@ def add_to_map(
     zone = _zone_of(old)
     added = _map_photos(keys, known, root, old.count, zone)
     all_chunks = old.chunks + chunks
-    descriptors = np.concatenate([np.asarray(c.global_desc) for c in all_chunks])
     previous = {k: v for k, v in old.excluded().items() if k not in known}
     new_meta = {
         **meta,
@@ -412,12 +473,37 @@ def add_to_map(
         "updated": _now(),
         "chunks": meta["chunks"] + [_chunk_entry(c, old.folder) for c in chunks],
     }
+    choice, _ = old.index_choice()
+    if choice.flat:
+        descriptors = np.concatenate([np.asarray(c.global_desc) for c in all_chunks])
+        faiss_index = flat_index(descriptors)
+        index_note = "exact flat index rebuilt"
+    else:
+        # Added to the trained index, never retrained: the old rows keep their codes.
+        from vprkit.retrieval.indexes import index_bytes
+        from vprkit.retrieval.search import _load_rows
+
+        faiss_index = old.index()
+        new_rows = ChunkedGlobal(chunks)
+        for start in range(0, len(new_rows), 16384):
+            faiss_index.add(_load_rows(new_rows, slice(start, start + 16384), "database"))
+        train = meta["index"]["train"]
+        new_meta["index"] = {
+            **meta["index"],
+            "bytes_per_photo": round(index_bytes(faiss_index) / faiss_index.ntotal, 1),
+        }
+        index_note = (
+            f"{len(new_rows)} photos added to the trained {choice.factory} index without "
+            f"retraining (trained on {train['size']} of the first {train['photos']} photos; "
+            "build the map again to retrain)"
+        )
     write_generation(
-        old.folder, new_meta, old.photos + added, {**previous, **excluded}, flat_index(descriptors)
+        old.folder, new_meta, old.photos + added, {**previous, **excluded}, faiss_index
     )
     grown = Map.open(old.folder)
     result = summary(grown, len(paths), len(added), excluded)
     result["already_in_map"] = skipped
+    result["index"] = index_note
     return grown, result
 
 
@@ -493,5 +579,7 @@ def format_summary(s: dict) -> str:
         lines.append(f"    e.g. {path}: {reason}")
     east, north = s["extent_m"]
     lines.append(f"  extent: {east:.0f} m east-west x {north:.0f} m north-south")
+    if s.get("index"):
+        lines.append(f"  index: {s['index']}")
     lines.append(f"  size on disk: {s['size_bytes'] / 2**20:.1f} MiB")
     return "\n".join(lines)

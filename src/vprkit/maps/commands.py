@@ -16,6 +16,7 @@ from pathlib import Path
 from vprkit.cli_args import (
     add_device_arguments,
     add_extraction_arguments,
+    add_index_arguments,
     add_keep_local_argument,
     add_local_fp16_argument,
     add_model_arguments,
@@ -53,6 +54,7 @@ def add_map_arguments(parser: argparse.ArgumentParser) -> None:
         help="photos per chunk: a killed build resumes at the first unfinished chunk "
         "(rounded up to whole batches)",
     )
+    add_index_arguments(build.add_argument_group("index"))
 
     add = sub.add_parser("add", help="add photos to a map (its own model)", formatter_class=fmt)
     add.add_argument("map", type=Path, help="the map folder")
@@ -123,6 +125,10 @@ def _build(args: argparse.Namespace) -> int:
         device=args.device,
         num_workers=args.num_workers,
         seed=args.seed,
+        index=args.index,
+        rescore=args.rescore,
+        index_params=args.index_params,
+        index_seed=args.index_seed,
     )
     print(format_summary(summary))
     return 0
@@ -166,6 +172,7 @@ def _info(args: argparse.Namespace) -> int:
                 f"input {info['preprocess']['image_size']}"
                 + (", local features kept" if info["has_local"] else ""),
                 f"  batches: {info['batch_rule']}",
+                f"  index: {_index_info(info['index'])}",
                 f"  centre: {info['center']['latitude']:.6f}, {info['center']['longitude']:.6f}"
                 f" (UTM {info['utm_zone']['number']}{info['utm_zone']['hemisphere']}); "
                 f"extent {east:.0f} m x {north:.0f} m",
@@ -175,6 +182,18 @@ def _info(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _index_info(entry: dict) -> str:
+    if entry.get("factory") is None:
+        return "exact flat (IndexFlatL2)" + (f" [{entry['reason']}]" if entry.get("reason") else "")
+    train = entry.get("train", {})
+    return (
+        f"{entry['factory']} ({entry.get('params') or 'default parameters'}), spec "
+        f"{entry['spec']!r}, trained on {train.get('size')} of {train.get('photos')} photos "
+        f"(seed {train.get('seed')}), {entry.get('bytes_per_photo')} bytes per photo, top "
+        f"{entry.get('rescore')} re-scored exactly"
+    )
 
 
 def _verify(args: argparse.Namespace) -> int:

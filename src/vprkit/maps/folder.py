@@ -13,7 +13,14 @@ A map folder (format ``vprkit-map``, version 1) holds:
   north`` (metres in the map's UTM zone), ``heading, altitude, time, source`` (empty when
   unknown) and the photo file's ``sha256``;
 - ``excluded-<generation>.csv``: the photos left out and why (``path, reason``);
-- ``index-<generation>.faiss``: a FAISS ``IndexFlatL2`` over the L2-normalized descriptors;
+- ``index-<generation>.faiss``: a FAISS ``IndexFlatL2`` over the L2-normalized descriptors,
+  or, when the map was built with ``--index`` other than ``flat``, a trained compressed FAISS
+  index over them (``vprkit.retrieval.indexes``); ``map.json``'s optional ``index`` entry
+  then records the spec as given, the factory string, the search parameters, the re-scoring
+  depth, the training sample (seed, size, photos) and, for ``auto``, the rule applied. The
+  entry is optional and its absence means flat, so maps of either kind are version 1 and
+  older maps read unchanged; localizing a compressed map re-scores its top candidates
+  exactly from the chunks' memory-mapped descriptors;
 - ``chunks/<n>/``: the descriptors, as ``vprkit-features`` folders of consecutive photos
   (``vprkit.pipeline.features``: ``global.npy`` memory-mapped, and ``local.npy`` when the map
   keeps local features for re-ranking).
@@ -180,6 +187,36 @@ class ChunkedLocalFeatures:
         return out[0] if single else out
 
 
+class ChunkedGlobal:
+    """The global descriptors of a map's chunks seen as one (N, D) array, memory-mapped:
+    rows are read only when indexed (``rows[ids]``, ``rows[a:b]``), for exact re-scoring and
+    for building an index in blocks."""
+
+    def __init__(self, chunks: list[Features]) -> None:
+        self._parts = [c.global_desc for c in chunks]
+        self._starts = np.cumsum([0] + [len(c) for c in self._parts])
+        self.shape = (int(self._starts[-1]), int(self._parts[0].shape[1]))
+        self.dtype = self._parts[0].dtype
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        idx = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows)
+        idx = idx.astype(np.int64).reshape(-1)
+        out = np.empty((len(idx), self.shape[1]), dtype=self.dtype)
+        chunk = np.searchsorted(self._starts, idx, side="right") - 1
+        for c in np.unique(chunk):
+            at = np.flatnonzero(chunk == c)
+            local = idx[at] - self._starts[c]
+            if np.all(np.diff(local) == 1):  # consecutive: one slice (a block read)
+                out[at] = self._parts[c][local[0] : local[-1] + 1]
+            else:
+                out[at] = self._parts[c][local]
+        return out
+
+
 # --------------------------------------------------------------------------- the map
 
 
@@ -253,16 +290,48 @@ class Map:
     def local_features(self) -> ChunkedLocalFeatures | None:
         return ChunkedLocalFeatures(self.chunks) if self.has_local else None
 
+    def index_choice(self):
+        """The map's `IndexChoice` (flat when map.json has no ``index`` entry) and its
+        re-scoring depth."""
+        from vprkit.retrieval.indexes import DEFAULT_RESCORE, IndexChoice
+
+        entry = self.meta.get("index")
+        if not entry or entry.get("factory") is None:
+            return IndexChoice("flat", None), 0
+        choice = IndexChoice(
+            entry["spec"], entry["factory"], entry.get("params", ""), entry.get("reason", "")
+        )
+        return choice, int(entry.get("rescore", DEFAULT_RESCORE))
+
     def index(self):
-        """The FAISS index (read once)."""
+        """The FAISS index (read once, trained as saved: never retrained), with the search
+        parameters map.json records."""
         if self._index is None:
-            import faiss
+            from vprkit.retrieval.indexes import read_index
 
             path = self.folder / self.meta["files"]["index"]
-            self._index = faiss.read_index(str(path))
+            self._index = read_index(path, self.index_choice()[0])
             if self._index.ntotal != self.count:
                 raise VprkitError(f"{path}: {self._index.ntotal} vectors for {self.count} photos")
         return self._index
+
+    def search(self, global_desc: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` photos per descriptor: exact on a flat map; on a compressed one, the
+        index's top candidates (its re-scoring depth) ranked exactly from the chunks'
+        memory-mapped descriptors (`vprkit.retrieval.indexes.search`)."""
+        from vprkit.retrieval.indexes import search
+        from vprkit.retrieval.search import search_flat_index
+
+        choice, rescore = self.index_choice()
+        if choice.flat:
+            return search_flat_index(self.index(), global_desc, k)
+        return search(
+            self.index(),
+            global_desc,
+            k,
+            rescore=rescore,
+            full_descriptors=ChunkedGlobal(self.chunks),
+        )
 
     def excluded(self) -> dict[str, str]:
         return read_excluded_csv(self.folder / self.meta["files"]["excluded"])
@@ -319,6 +388,7 @@ class Map:
             "precision": self.meta["precision"],
             "descriptor_dim": self.meta["descriptor_dim"],
             "has_local": self.has_local,
+            "index": self.meta.get("index") or {"spec": "flat", "factory": None},
             "utm_zone": self.meta["utm_zone"],
             "center": {"latitude": float(np.median(lat)), "longitude": float(np.median(lon))},
             "extent_m": [float(np.ptp(east)), float(np.ptp(north))],

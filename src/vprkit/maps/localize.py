@@ -5,7 +5,9 @@
 `burst=True` couples consecutive queries in batches of the map's batch size, as the map's own
 photos were (for CricaVPR, whose cross-image encoder mixes the images of a batch, a burst of
 frames from one place is encoded the way its papers' evaluation encodes its queries).
-The search is exact (the map's flat index, ranked as `vprkit eval` ranks); re-ranking uses the
+The search is exact (the map's flat index, ranked as `vprkit eval` ranks), or on a map built
+with a compressed `--index`, that index's top candidates re-scored exactly from the map's
+memory-mapped descriptors (`Map.search`); re-ranking uses the
 method's own re-ranker on the local features the map keeps; the position estimate and the
 confidence are those of `vprkit.maps.estimate`.
 """
@@ -37,7 +39,6 @@ from vprkit.maps.positions import unproject
 from vprkit.models.registry import model_info
 from vprkit.pipeline.fingerprint import state_sha256
 from vprkit.rerank import apply_order, make_scorer, rerank_order
-from vprkit.retrieval.search import search_flat_index
 
 ImageInput = str | os.PathLike | Image.Image
 
@@ -226,7 +227,7 @@ class Localizer:
     ) -> Localization:
         t0 = time.perf_counter()
         k = min(max(top_k, depth), self.map.count)
-        distances, indices = search_flat_index(self.map.index(), global_desc, k)
+        distances, indices = self.map.search(global_desc, k)
         t1 = time.perf_counter()
         scores = None
         if reranker is not None:

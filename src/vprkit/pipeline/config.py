@@ -26,6 +26,10 @@ class EvalConfig:
     pca_dim: int | None = None  # with pca_dataset_folder: PCA fitted on that folder's images
     pca_dataset_folder: Path | None = None
     memory_budget_mb: float | None = None  # bound the search's working memory
+    index: str = "flat"  # flat (exact), ivfpq, hnsw, auto or a FAISS factory string
+    rescore: int = 100  # compressed index: candidates re-scored exactly (0: its own order)
+    index_params: str | None = None  # FAISS search parameters (nprobe=16, efSearch=64)
+    index_seed: int = 0  # the compressed index's training sample
     rerank_num: int | None = None  # candidates to re-rank; None: the model's; 0: off
     reranker: str | None = None  # None: the model's own
     tie_order: str | None = None  # equal re-rank scores: official/stable; None: the model's
@@ -50,6 +54,19 @@ class EvalConfig:
             raise VprkitError(
                 "--memory_budget_mb cannot be used with --pca_dim (as in the official code)"
             )
+        if str(self.index).strip().lower() not in ("flat", ""):
+            if self.pca_dim is not None:
+                raise VprkitError(
+                    f"--index {self.index} cannot be used with --pca_dim: give the PCA inside "
+                    "the factory string instead (e.g. --index PCA256,IVF1024,PQ32)"
+                )
+            if self.memory_budget_mb is not None:
+                raise VprkitError(
+                    f"--index {self.index} cannot be used with --memory_budget_mb (the bounded "
+                    "search is exact and flat): drop one of them"
+                )
+        if self.rescore < 0:
+            raise VprkitError(f"--rescore must be 0 (off) or more, got {self.rescore}")
         for name in ("precision", "rerank_precision"):
             if getattr(self, name) not in PRECISIONS:
                 raise VprkitError(

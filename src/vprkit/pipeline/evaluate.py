@@ -342,13 +342,38 @@ class _RunContext:
         k = min(max(*config.recall_values, config.rerank_num), len(database))
         budget = None if config.memory_budget_mb is None else int(config.memory_budget_mb * 2**20)
         with _Timer() as timer:
-            predictions = retrieve(database, queries, k, pca=pca, memory_budget_bytes=budget)
+            predictions = retrieve(
+                database,
+                queries,
+                k,
+                pca=pca,
+                memory_budget_bytes=budget,
+                index=config.index,
+                rescore=config.rescore,
+                index_params=config.index_params,
+                index_seed=config.index_seed,
+            )
         self.timing["search_s"] = timer.seconds
+        self.index_record = {
+            key: predictions.record[key]
+            for key in ("index", "index_rule")
+            if key in (predictions.record or {})
+        }
+        if "index_rule" in self.index_record:
+            log.info("%s", self.index_record["index_rule"])
+        if "index" in self.index_record:
+            entry = self.index_record["index"]
+            self.timing["search_s"] = predictions.record["search_s"]  # the build apart
+            log.info(
+                "%s; top %d re-scored exactly from the full descriptors",
+                entry["summary"],
+                entry["rescore"],
+            )
         log.info(
             "searched the top %d in %.3f s (%.3f ms per query)",
             k,
-            timer.seconds,
-            1000 * timer.seconds / len(queries),
+            self.timing["search_s"],
+            1000 * self.timing["search_s"] / len(queries),
         )
         return predictions
 
@@ -407,6 +432,7 @@ class _RunContext:
             "reranker": config.reranker if config.rerank_num else None,
             "rerank_num": config.rerank_num,
             "tie_order": config.tie_order if config.rerank_num else None,
+            **({"index": self.index_record} if getattr(self, "index_record", None) else {}),
             "timing": {
                 "extraction_ms_per_image": 1000 * self.timing["extraction_s"] / num_images,
                 "search_ms_per_query": 1000 * self.timing["search_s"] / num_queries,
