@@ -115,10 +115,21 @@ def _extract_chunk(model, paths, folder: Path, root: Path, listed: bool, label: 
 
 
 def _extract_chunks(
-    model, paths: list[Path], folder: Path, first_chunk: int, root: Path, chunk_size: int, **kw
+    model,
+    paths: list[Path],
+    folder: Path,
+    first_chunk: int,
+    root: Path,
+    chunk_size: int,
+    ray: str | None = None,
+    **kw,
 ) -> list[Features]:
-    chunks = []
     bounds = list(range(0, len(paths), chunk_size))
+    if ray is not None:  # each chunk a shard of a Ray job (vprkit.distributed.ray_extract)
+        from vprkit.distributed.ray_extract import extract_chunks
+
+        return extract_chunks(model, paths, folder, first_chunk, root, chunk_size, ray, **kw)
+    chunks = []
     with tqdm(total=len(paths), desc="map: photos", unit="img") as bar:
         for i, start in enumerate(bounds):
             part = paths[start : start + chunk_size]
@@ -207,6 +218,7 @@ def build_map(
     device: str = "cpu",
     num_workers: int = 0,
     seed: int = 0,
+    ray: str | None = None,
 ) -> tuple[Map, dict]:
     """Build a map of the photos in the folder `photos` into the folder `out`; returns the
     opened map and a summary (photos in, mapped, left out and why, extent, size).
@@ -216,6 +228,8 @@ def build_map(
     `positions`: a CSV table (path relative to `photos`, latitude, longitude, optional
     heading, altitude, time), preferred over EXIF GPS and VG names. `local`: keep local
     features for re-ranking (default: when the method has a re-ranker of its own).
+    `ray`: "auto" or a Ray address: the chunks are extracted as a Ray job, one model per
+    worker (`vprkit.distributed.ray_extract`); the map is the same.
     """
     root = Path(photos).absolute()
     out = Path(out)
@@ -263,6 +277,7 @@ def build_map(
         0,
         root,
         chunk_size,
+        ray,
         preprocess=preprocess,
         local=local,
         local_dtype=local_dtype,
