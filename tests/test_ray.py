@@ -16,13 +16,19 @@ import numpy as np
 import pytest
 import torch
 
+from vprkit.data.formats import open_dataset
 from vprkit.data.images import Preprocess
 from vprkit.extract import same_shape_batches
 from vprkit.maps import Map, build_map
 from vprkit.models.registry import create_model
-from vprkit.pipeline import extract
+from vprkit.pipeline import EvalConfig, evaluate, extract
 from vprkit.retrieval.search import search
 
+# Ray turns 127.0.0.1 into the machine's outward address and listens on every interface,
+# unless told, before it is imported, that this is a single-machine cluster.
+LOOPBACK_ONLY = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+for _key, _value in LOOPBACK_ONLY.items():
+    os.environ.setdefault(_key, _value)
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'vprkit[ray]')")
 
 from vprkit.distributed.ray_extract import ray_extract, shard_plan  # noqa: E402
@@ -32,9 +38,6 @@ TINY = {"size": "vits14", "depth": 1}
 SIZE = (56, 56)
 PRE = Preprocess(image_size=SIZE)
 LOCAL_RAY = dict(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
-# Ray turns 127.0.0.1 into the machine's outward address and listens on every interface,
-# unless told this is a single-machine cluster: then every address is 127.0.0.1.
-LOOPBACK_ONLY = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def _tiny_model(seed: int = 0):
@@ -55,8 +58,6 @@ def _photos(city: Path) -> list[Path]:
 @pytest.fixture(scope="class")
 def local_ray():
     """A local Ray cluster of 2 CPUs on 127.0.0.1, stopped after the class's tests."""
-    saved = {k: os.environ.get(k) for k in LOOPBACK_ONLY}
-    os.environ.update(LOOPBACK_ONLY)
     assert not ray.is_initialized()
     ray.init(**LOCAL_RAY, log_to_driver=False)
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
@@ -66,11 +67,6 @@ def local_ray():
         yield ray
     finally:
         ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def kill_once(marker: Path, shards: Path, module, inputs) -> None:
@@ -170,7 +166,24 @@ class TestOnALocalCluster:
         for key in ("chunks", "model", "batch_rule"):
             assert a.meta[key] == b.meta[key], key
 
-    def test_sharded_search_equals_flat_search_exactly(self):
+    def test_eval_on_ray_gives_the_predictions_and_recalls_of_eval(self, tiny_synthetic, tmp_path):
+        dataset = open_dataset(tiny_synthetic / "vg" / "synthetic", split="test")
+        model = _tiny_model()
+        config = dict(
+            image_size=SIZE,
+            infer_batch_size=4,
+            num_workers=0,
+            device="cpu",
+            recall_values=(1, 5),
+            save_dir=tmp_path,
+        )
+        a = evaluate(model, dataset, EvalConfig(run_name="one", **config))
+        b = evaluate(model, dataset, EvalConfig(run_name="ray", ray="auto", **config))
+        assert a.recalls == b.recalls
+        np.testing.assert_array_equal(a.predictions, b.predictions)
+        np.testing.assert_array_equal(a.distances, b.distances)
+
+    def test_sharded_search_equals_flat_search_exactly(self, tmp_path):
         rng = np.random.default_rng(0)
         database = rng.standard_normal((300, 32)).astype(np.float32)
         database[200:210] = database[5]  # exact ties across shards: smaller index first
@@ -179,18 +192,20 @@ class TestOnALocalCluster:
         queries = queries.astype(np.float32)
         bounds = [0, 90, 91, 200, 300]
         shards = [database[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
-        for k in (1, 10, 95):
-            want_d, want_i = search(database, queries, k)
-            got_d, got_i = sharded_search(shards, queries, k)
-            np.testing.assert_array_equal(got_i, want_i)
-            np.testing.assert_array_equal(got_d, want_d)
-        with ShardedIndex(shards) as index:
+        with ShardedIndex(shards) as index:  # one actor per shard, started once
             assert len(index) == 300
-            got_d, got_i = index.search(queries, 12)
+            for k in (1, 10, 95, 300):
+                want_d, want_i = search(database, queries, k)
+                got_d, got_i = index.search(queries, k)
+                np.testing.assert_array_equal(got_i, want_i)
+                np.testing.assert_array_equal(got_d, want_d)
+        # From files (each actor memory-maps its own), in one call.
+        for n, shard in enumerate(shards):
+            np.save(tmp_path / f"{n}.npy", shard)
+        got_d, got_i = sharded_search([tmp_path / f"{n}.npy" for n in range(4)], queries, 12)
         want_d, want_i = search(database, queries, 12)
         np.testing.assert_array_equal(got_i, want_i)
         np.testing.assert_array_equal(got_d, want_d)
-
 
 def _free_port() -> int:
     with socket.socket() as s:

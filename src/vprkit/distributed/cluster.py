@@ -45,8 +45,7 @@ def ray_session(address: str | None) -> Iterator[object]:
             try:
                 ray.init(address="auto", log_to_driver=False)
             except ConnectionError:  # a cluster of this machine alone, on loopback only
-                # Else Ray makes 127.0.0.1 the outward address and listens on every interface.
-                os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+                _loopback_only(ray)
                 ray.init(
                     include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False
                 )
@@ -61,6 +60,17 @@ def ray_session(address: str | None) -> Iterator[object]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _loopback_only(ray) -> None:
+    """Keep a cluster of this machine alone on 127.0.0.1. Without this Ray replaces the
+    address 127.0.0.1 by the machine's outward one and listens on every interface; Ray reads
+    the switch (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) when it is imported, hence both."""
+    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") is None:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # the processes it starts
+        constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+        if constants is not None and hasattr(constants, "ENABLE_RAY_CLUSTER"):
+            constants.ENABLE_RAY_CLUSTER = False
 
 
 def worker_resources(device: str) -> tuple[dict, str]:

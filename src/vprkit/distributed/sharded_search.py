@@ -86,7 +86,8 @@ class ShardedIndex:
     each held by a Ray actor. Use as a context manager, or call `close()`.
 
     `address`: "auto" or a Ray address (default: the running session, else "auto").
-    `resources`: Ray resources of each actor (default one CPU)."""
+    `resources`: Ray resources of each actor (default Ray's: scheduled on a CPU node,
+    holding no CPU while idle: one actor per shard however many shards)."""
 
     def __init__(
         self,
@@ -95,6 +96,7 @@ class ShardedIndex:
         address: str | None = None,
         resources: dict | None = None,
         max_retries: int = 3,
+        ready_timeout_s: float = 300.0,
     ) -> None:
         if not shards:
             raise VprkitError("no shards to search")
@@ -113,12 +115,23 @@ class ShardedIndex:
             actor = ray.remote(_ShardWorker).options(
                 max_restarts=max_retries,
                 max_task_retries=max_retries,
-                **(resources or {"num_cpus": 1}),
+                **(resources or {}),
             )
             self._actors = [
                 actor.remote(s if isinstance(s, str) else ray.put(s)) for s in sources
             ]
+            ready = [a.__ray_ready__.remote() for a in self._actors]
+            done, waiting = ray.wait(ready, num_returns=len(ready), timeout=ready_timeout_s)
+            ray.get(done)  # a shard that fails to load says why
+            if waiting:
+                raise VprkitError(
+                    f"{len(waiting)} of {len(ready)} search shards found no place on the Ray "
+                    f"cluster within {ready_timeout_s:g} s (resources asked per shard: "
+                    f"{resources or {}}; the cluster has {ray.cluster_resources()})"
+                )
         except BaseException:
+            for a in getattr(self, "_actors", []):
+                ray.kill(a)
             self._session.__exit__(None, None, None)
             raise
 

@@ -19,6 +19,7 @@ from vprkit.cli_args import (
     add_keep_local_argument,
     add_local_fp16_argument,
     add_model_arguments,
+    add_ray_argument,
     check_model,
     device,
     existing_file,
@@ -51,8 +52,9 @@ def add_map_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=1024,
         help="photos per chunk: a killed build resumes at the first unfinished chunk "
-        "(rounded up to whole batches)",
+        "(rounded up to whole batches); with --ray, a chunk is one worker's shard",
     )
+    add_ray_argument(run)
 
     add = sub.add_parser("add", help="add photos to a map (its own model)", formatter_class=fmt)
     add.add_argument("map", type=Path, help="the map folder")
@@ -123,6 +125,7 @@ def _build(args: argparse.Namespace) -> int:
         device=args.device,
         num_workers=args.num_workers,
         seed=args.seed,
+        ray=args.ray,
     )
     print(format_summary(summary))
     return 0
