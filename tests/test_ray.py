@@ -207,30 +207,50 @@ class TestOnALocalCluster:
         np.testing.assert_array_equal(got_i, want_i)
         np.testing.assert_array_equal(got_d, want_d)
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+# `ray start` of a second node on this machine: Ray refuses a multi-node cluster in the
+# loopback-only mode, so this node keeps 127.0.0.1 by being told that is its outward address.
+SECOND_NODE = """
+import sys
+import ray._private.services as services
+services.node_ip_address_from_perspective = lambda address=None: "127.0.0.1"
+from ray.scripts.scripts import main
+sys.argv = ["ray", *sys.argv[1:]]
+main()
+"""
+
+
 @pytest.fixture
 def two_node_cluster(tmp_path):
-    """A head and a second node started with `ray start`, both on 127.0.0.1; stopped after."""
+    """A head and a second node started with `ray start`, both on 127.0.0.1 only (a token
+    of this test's own); yields the address and the environment to reach it; stopped after."""
+    import secrets
+
     ray_bin = Path(sys.executable).with_name("ray")
     port = _free_port()
-    env = {**os.environ, **LOOPBACK_ONLY}
-    common = ["--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    env = {**os.environ, **LOOPBACK_ONLY, "RAY_AUTH_MODE": "token"}
+    env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    second = tmp_path / "second_node.py"
+    second.write_text(SECOND_NODE)
+    common = ["--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--num-cpus", "1"]
     try:
         subprocess.run(
-            [ray_bin, "start", "--head", "--port", str(port), "--num-cpus", "1",
-             "--include-dashboard=false", *common],
+            [ray_bin, "start", "--head", "--port", str(port), "--include-dashboard=false",
+             *common],
             env=env, check=True, capture_output=True, timeout=120,
         )  # fmt: skip
+        worker_env = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
         subprocess.run(
-            [ray_bin, "start", "--address", f"127.0.0.1:{port}", "--num-cpus", "1", *common],
-            env=env, check=True, capture_output=True, timeout=120,
+            [sys.executable, second, "start", "--address", f"127.0.0.1:{port}", *common],
+            env=worker_env, check=True, capture_output=True, timeout=120,
         )  # fmt: skip
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", env
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
@@ -243,10 +263,16 @@ def test_map_build_on_two_ray_nodes_from_the_command_line(
     flags += ["depth=1", "--weights", "random", "--image_size", "56", "56"]
     flags += ["--infer_batch_size", "4", "--chunk_size", "8", "--num_workers", "0"]
     photos = str(_database(tiny_synthetic))
-    env = {**os.environ, **LOOPBACK_ONLY}
+    address, env = two_node_cluster
+    check = (
+        "import ray; ray.init(address=%r, _node_ip_address='127.0.0.1', log_to_driver=False)\n"
+        "nodes = [n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']]\n"
+        "assert nodes == ['127.0.0.1'] * 2, nodes\n" % address
+    )
+    subprocess.run([sys.executable, "-c", check], env=env, check=True, timeout=120)
     cli = [sys.executable, "-m", "vprkit", "map", "build", photos, *flags]
     subprocess.run([*cli, "--out", str(tmp_path / "a.map")], env=env, check=True, timeout=300)
-    ray_cli = [*cli, "--out", str(tmp_path / "b.map"), "--ray", two_node_cluster]
+    ray_cli = [*cli, "--out", str(tmp_path / "b.map"), "--ray", address]
     subprocess.run(ray_cli, env=env, check=True, timeout=300)
     a, b = Map.open(tmp_path / "a.map"), Map.open(tmp_path / "b.map")
     assert a.photos == b.photos

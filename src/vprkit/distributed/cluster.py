@@ -46,10 +46,10 @@ def ray_session(address: str | None) -> Iterator[object]:
                 ray.init(address="auto", log_to_driver=False)
             except ConnectionError:  # a cluster of this machine alone, on loopback only
                 _loopback_only(ray)
-                ray.init(
-                    include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False
-                )
+                ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
         else:
+            if local_ip:  # a cluster given on 127.0.0.1 stays on loopback
+                _loopback_only(ray)
             ray.init(address=address, log_to_driver=False, **local_ip)
     except (ConnectionError, ValueError, RuntimeError) as err:
         raise VprkitError(

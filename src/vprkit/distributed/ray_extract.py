@@ -84,7 +84,9 @@ class ModelSpec:
     def build(self) -> nn.Module:
         from vprkit.cli_args import build_model
 
-        model, _ = build_model(self.method, self.weights, list(self.options.items()), seed=self.seed)
+        model, _ = build_model(
+            self.method, self.weights, list(self.options.items()), seed=self.seed
+        )
         return model
 
 
@@ -250,9 +252,7 @@ def ray_extract(
     return features
 
 
-def _merge(
-    model, paths, plan, shards, folder, *, device, label, **kw
-) -> Features:
+def _merge(model, paths, plan, shards, folder, *, device, label, **kw) -> Features:
     """The shards' rows in input order, with the single-process fingerprint."""
     root = kw["root"]
     names = relative_names(paths, None if root is None else Path(root))

@@ -117,9 +117,7 @@ class ShardedIndex:
                 max_task_retries=max_retries,
                 **(resources or {}),
             )
-            self._actors = [
-                actor.remote(s if isinstance(s, str) else ray.put(s)) for s in sources
-            ]
+            self._actors = [actor.remote(s if isinstance(s, str) else ray.put(s)) for s in sources]
             ready = [a.__ray_ready__.remote() for a in self._actors]
             done, waiting = ray.wait(ready, num_returns=len(ready), timeout=ready_timeout_s)
             ray.get(done)  # a shard that fails to load says why
