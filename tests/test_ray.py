@@ -265,9 +265,10 @@ def test_map_build_on_two_ray_nodes_from_the_command_line(
     photos = str(_database(tiny_synthetic))
     address, env = two_node_cluster
     check = (
-        "import ray; ray.init(address=%r, _node_ip_address='127.0.0.1', log_to_driver=False)\n"
+        f"import ray; ray.init(address={address!r}, _node_ip_address='127.0.0.1', "
+        "log_to_driver=False)\n"
         "nodes = [n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']]\n"
-        "assert nodes == ['127.0.0.1'] * 2, nodes\n" % address
+        "assert nodes == ['127.0.0.1'] * 2, nodes\n"
     )
     subprocess.run([sys.executable, "-c", check], env=env, check=True, timeout=120)
     cli = [sys.executable, "-m", "vprkit", "map", "build", photos, *flags]
