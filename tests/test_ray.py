@@ -202,7 +202,8 @@ class TestOnALocalCluster:
         # From files (each actor memory-maps its own), in one call.
         for n, shard in enumerate(shards):
             np.save(tmp_path / f"{n}.npy", shard)
-        got_d, got_i = sharded_search([tmp_path / f"{n}.npy" for n in range(4)], queries, 12)
+        files = [tmp_path / f"{n}.npy" for n in range(4)]
+        got_d, got_i = sharded_search([files[:3], files[3]], queries, 12)  # 3 files, 1 shard
         want_d, want_i = search(database, queries, 12)
         np.testing.assert_array_equal(got_i, want_i)
         np.testing.assert_array_equal(got_d, want_d)

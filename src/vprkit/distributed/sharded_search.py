@@ -33,8 +33,11 @@ from vprkit.pipeline.features import META, Features
 Shard = np.ndarray | str | os.PathLike | Features
 
 
-def _shard_source(shard: Shard):
-    """What an actor loads: a path to a .npy (memory-mapped there) or an array."""
+def _shard_source(shard: Shard | Sequence[Shard]):
+    """What an actor loads: a path to a .npy (memory-mapped there) or an array; a list or
+    tuple of them is one shard of their rows in order (e.g. several chunks of a map)."""
+    if isinstance(shard, list | tuple):
+        return [_shard_source(s) for s in shard]
     if isinstance(shard, Features):
         return str(shard.folder / "global.npy") if shard.folder else np.asarray(shard.global_desc)
     if isinstance(shard, str | os.PathLike):
@@ -44,6 +47,11 @@ def _shard_source(shard: Shard):
 
 
 def _shape(source) -> tuple[int, int]:
+    if isinstance(source, list):
+        shapes = [_shape(s) for s in source]
+        if not shapes or len({d for _, d in shapes}) != 1:
+            raise VprkitError(f"a shard's parts must be one or more of one dimension: {shapes}")
+        return sum(n for n, _ in shapes), shapes[0][1]
     if isinstance(source, str):
         if not Path(source).is_file():
             raise VprkitError(f"shard {source} does not exist")
@@ -61,8 +69,9 @@ class _ShardWorker:
     def __init__(self, source) -> None:
         from vprkit.retrieval.search import flat_index
 
-        rows = np.load(source, mmap_mode="r") if isinstance(source, str) else source
-        self.index = flat_index(rows)
+        parts = source if isinstance(source, list) else [source]
+        parts = [np.load(p, mmap_mode="r") if isinstance(p, str) else p for p in parts]
+        self.index = flat_index(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         from vprkit.retrieval.search import search_flat_index
@@ -83,7 +92,9 @@ def merge_top_k(
 
 class ShardedIndex:
     """Shards of one database (in order; global index = position in their concatenation),
-    each held by a Ray actor. Use as a context manager, or call `close()`.
+    each held by a Ray actor. A shard is an array, a `.npy` path, a features folder or
+    `Features`, or a list of them: one actor for all their rows, in order (a map's
+    consecutive chunks grouped into a few shards). Use as a context manager, or call `close()`.
 
     `address`: "auto" or a Ray address (default: the running session, else "auto").
     `resources`: Ray resources of each actor (default Ray's: scheduled on a CPU node,
@@ -117,7 +128,9 @@ class ShardedIndex:
                 max_task_retries=max_retries,
                 **(resources or {}),
             )
-            self._actors = [actor.remote(s if isinstance(s, str) else ray.put(s)) for s in sources]
+            self._actors = [
+                actor.remote(s if isinstance(s, str | list) else ray.put(s)) for s in sources
+            ]
             ready = [a.__ray_ready__.remote() for a in self._actors]
             done, waiting = ray.wait(ready, num_returns=len(ready), timeout=ready_timeout_s)
             ray.get(done)  # a shard that fails to load says why
