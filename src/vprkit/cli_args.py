@@ -488,6 +488,16 @@ def add_local_fp16_argument(group: argparse._ArgumentGroup | argparse.ArgumentPa
     )
 
 
+def add_ray_argument(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    group.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="extract as a Ray job over the cluster's workers (one model per worker, GPU-aware; "
+        "pip install 'vprkit[ray]'): auto (the cluster on this machine, else a local one) or "
+        "a head's HOST:PORT; the images and outputs must be reachable from every worker",
+    )
+
+
 def add_recall_values(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
     group.add_argument(
         "--recall_values",

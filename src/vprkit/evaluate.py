@@ -16,6 +16,7 @@ from vprkit.cli_args import (
     add_index_arguments,
     add_local_fp16_argument,
     add_model_arguments,
+    add_ray_argument,
     add_recall_values,
     add_reranker_arguments,
     build_model,
@@ -34,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_dataset_arguments(parser)
     run = add_extraction_arguments(parser)
+    add_ray_argument(run)
     add_recall_values(run)
     run.add_argument(
         "--pca_dim",
@@ -125,6 +127,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         run_name=args.run_name,
         num_preds_to_save=args.num_preds_to_save,
         save_only_wrong_preds=args.save_only_wrong_preds,
+        ray=args.ray,
     )
 
 

@@ -116,10 +116,21 @@ def _extract_chunk(model, paths, folder: Path, root: Path, listed: bool, label: 
 
 
 def _extract_chunks(
-    model, paths: list[Path], folder: Path, first_chunk: int, root: Path, chunk_size: int, **kw
+    model,
+    paths: list[Path],
+    folder: Path,
+    first_chunk: int,
+    root: Path,
+    chunk_size: int,
+    ray: str | None = None,
+    **kw,
 ) -> list[Features]:
-    chunks = []
     bounds = list(range(0, len(paths), chunk_size))
+    if ray is not None:  # each chunk a shard of a Ray job (vprkit.distributed.ray_extract)
+        from vprkit.distributed.ray_extract import extract_chunks
+
+        return extract_chunks(model, paths, folder, first_chunk, root, chunk_size, ray, **kw)
+    chunks = []
     with tqdm(total=len(paths), desc="map: photos", unit="img") as bar:
         for i, start in enumerate(bounds):
             part = paths[start : start + chunk_size]
@@ -212,6 +223,7 @@ def build_map(
     rescore: int | None = None,
     index_params: str | None = None,
     index_seed: int = 0,
+    ray: str | None = None,
 ) -> tuple[Map, dict]:
     """Build a map of the photos in the folder `photos` into the folder `out`; returns the
     opened map and a summary (photos in, mapped, left out and why, extent, size).
@@ -225,6 +237,8 @@ def build_map(
     index-factory string (`vprkit.retrieval.indexes`), trained on a sample drawn with
     `index_seed`; `rescore`: candidates re-scored exactly per query (default 100);
     `index_params`: FAISS search parameters (``nprobe=16``, ``efSearch=64``).
+    `ray`: "auto" or a Ray address: the chunks are extracted as a Ray job, one model per
+    worker (`vprkit.distributed.ray_extract`); the map is the same.
     """
     from vprkit.retrieval.indexes import DEFAULT_RESCORE
 
@@ -279,6 +293,7 @@ def build_map(
         0,
         root,
         chunk_size,
+        ray,
         preprocess=preprocess,
         local=local,
         local_dtype=local_dtype,

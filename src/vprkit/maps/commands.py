@@ -20,6 +20,7 @@ from vprkit.cli_args import (
     add_keep_local_argument,
     add_local_fp16_argument,
     add_model_arguments,
+    add_ray_argument,
     check_model,
     device,
     existing_file,
@@ -52,9 +53,10 @@ def add_map_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=1024,
         help="photos per chunk: a killed build resumes at the first unfinished chunk "
-        "(rounded up to whole batches)",
+        "(rounded up to whole batches); with --ray, a chunk is one worker's shard",
     )
     add_index_arguments(build.add_argument_group("index"))
+    add_ray_argument(run)
 
     add = sub.add_parser("add", help="add photos to a map (its own model)", formatter_class=fmt)
     add.add_argument("map", type=Path, help="the map folder")
@@ -129,6 +131,7 @@ def _build(args: argparse.Namespace) -> int:
         rescore=args.rescore,
         index_params=args.index_params,
         index_seed=args.index_seed,
+        ray=args.ray,
     )
     print(format_summary(summary))
     return 0

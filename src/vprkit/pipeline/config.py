@@ -41,6 +41,7 @@ class EvalConfig:
     run_name: str | None = None  # default: <method>_<dataset>
     num_preds_to_save: int = 0  # pictures of the first N predictions per query
     save_only_wrong_preds: bool = False
+    ray: str | None = None  # "auto" or a Ray address: extraction as a Ray job (vprkit[ray])
 
     def __post_init__(self) -> None:
         self.recall_values = tuple(int(n) for n in self.recall_values)

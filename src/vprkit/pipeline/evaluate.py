@@ -82,14 +82,16 @@ def extract_sides(
     local_dtype: str = "float32",
     weights=None,
     label: str = "",
+    extractor=extract,
     **options,
 ) -> tuple[Features, Features]:
     """Database then queries, each in its own batches; into `folder`/{database,queries}/
-    when given (reused when made the same way)."""
+    when given (reused when made the same way). `extractor`: `extract` or one with its
+    signature (`vprkit.distributed.ray_extract.ray_extract`)."""
     sides = []
     for side, paths in (("database", dataset.database_paths), ("queries", dataset.query_paths)):
         sides.append(
-            extract(
+            extractor(
                 model,
                 paths,
                 None if folder is None else folder / side,
@@ -284,6 +286,15 @@ class _RunContext:
         if folder is None and config.rerank_num:
             # Local features can be tens of GB: on disk, memory-mapped, removed at the end.
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vprkit_local_")))
+        extractor = extract
+        if config.ray is not None:  # a Ray job over the cluster (vprkit.distributed)
+            from functools import partial
+
+            from vprkit.distributed.cluster import ray_session
+            from vprkit.distributed.ray_extract import ray_extract
+
+            stack.enter_context(ray_session(config.ray))  # one session for both sides
+            extractor = partial(ray_extract, address=config.ray)
         with _Timer() as timer:
             database, queries = extract_sides(
                 self.model,
@@ -293,6 +304,7 @@ class _RunContext:
                 local=bool(config.rerank_num),
                 local_dtype="float16" if config.local_features_fp16 else "float32",
                 weights=self.weights,
+                extractor=extractor,
                 **self._extract_options(),
             )
         self.timing["extraction_s"] = timer.seconds
