@@ -43,7 +43,6 @@ import numpy as np
 import torch
 from torch import nn
 
-import vprkit
 from vprkit.data.images import Preprocess, input_hw
 from vprkit.distributed.cluster import ray_session, worker_count, worker_resources
 from vprkit.errors import VprkitError
@@ -53,6 +52,7 @@ from vprkit.pipeline.extract import (
     _check_one_shape,
     extract,
     extract_fingerprint,
+    extract_record,
     network_input_hw,
     relative_names,
 )
@@ -282,14 +282,7 @@ def _merge(model, paths, plan, shards, folder, *, device, label, **kw) -> Featur
                 + "; ".join(diff)
             )
         global_desc[idx] = shard.global_desc
-    record = {
-        **fp.weights_record(kw["weights"]),
-        **({"seed": model.vprkit_seed} if hasattr(model, "vprkit_seed") else {}),
-        "device": device,
-        "vprkit_version": vprkit.__version__,
-        "root": None if root is None else str(root),
-        "ray_shards": len(shards),
-    }
+    record = {**extract_record(model, kw["weights"], device, root), "ray_shards": len(shards)}
     staging = None
     if folder is not None:
         staging = staging_folder(folder)

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vprkit.atomic import atomic_path
 from vprkit.errors import VprkitError
 from vprkit.export import require
 
@@ -304,11 +305,6 @@ def _metadata_of(session, path: Path) -> dict:
     return metadata
 
 
-def _staging(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out.with_name(f"{out.name}.{os.getpid()}.tmp")
-
-
 def export_onnx(
     model: nn.Module,
     out: str | os.PathLike,
@@ -358,8 +354,8 @@ def export_onnx(
         "opset": opset,
         **({"reranker": reranker} if reranker else {}),
     }
-    staging = _staging(out)
-    try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as staging:  # the file appears only once written and verified
         with fixed_pos_embed(model, hw), traceable_attention(model):
             wrapped = OutputTuple(model, fields, kwargs).eval()
             axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in fields}}
@@ -369,9 +365,6 @@ def export_onnx(
             metadata["verified_max_abs_diff"] = verify_model_file(
                 staging, model, sample, kwargs, fields, atol=atol, label=out
             )
-        os.replace(staging, out)
-    finally:
-        staging.unlink(missing_ok=True)
     return metadata
 
 
@@ -525,8 +518,8 @@ def export_r2former_reranker(
         "opset": opset,
     }
     graph = RerankerGraph(reranker).eval()
-    staging = _staging(out)
-    try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as staging:
         axes = {
             "query_global": {0: "pairs"},
             "query_tokens": {0: "pairs", 1: "query_tokens"},
@@ -541,9 +534,6 @@ def export_r2former_reranker(
             metadata["verified_max_abs_diff"] = _verify_reranker(
                 staging, graph, sample, atol=atol, label=out
             )
-        os.replace(staging, out)
-    finally:
-        staging.unlink(missing_ok=True)
     return metadata
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from vprkit.atomic import atomic_path
 from vprkit.errors import VprkitError
 from vprkit.export.onnx import (
     KIND_MODEL,
@@ -96,15 +97,10 @@ def export_torchscript(
     if verify:
         metadata["verified_max_abs_diff"] = _verify(traced, wrapped, sample, fields, atol, out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    try:
-        extra = {EXTRA_FILE: json.dumps(metadata, sort_keys=True)}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is the ask here
-            torch.jit.save(traced, str(staging), _extra_files=extra)
-        os.replace(staging, out)
-    finally:
-        staging.unlink(missing_ok=True)
+    extra = {EXTRA_FILE: json.dumps(metadata, sort_keys=True)}
+    with atomic_path(out) as staging, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is the ask here
+        torch.jit.save(traced, str(staging), _extra_files=extra)
     return metadata
 
 

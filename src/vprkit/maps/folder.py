@@ -37,7 +37,7 @@ import io
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -523,7 +523,3 @@ def remove_leftovers(folder: Path, meta: dict) -> None:
             f.unlink()
     for f in (folder / "chunks").glob("*.incomplete"):
         shutil.rmtree(f, ignore_errors=True)
-
-
-def photo_dict(photo: MapPhoto) -> dict:
-    return asdict(photo)

@@ -74,6 +74,18 @@ def extract_fingerprint(
     }
 
 
+def extract_record(model: nn.Module, weights, device: str, root: str | os.PathLike | None) -> dict:
+    """What is recorded beside the fingerprint, for information and to rebuild the model."""
+    return {
+        **fp.weights_record(weights),
+        # A random initialization is rebuilt from its seed (vprkit rerank needs the model).
+        **({"seed": model.vprkit_seed} if hasattr(model, "vprkit_seed") else {}),
+        "device": device,
+        "vprkit_version": vprkit.__version__,
+        "root": None if root is None else str(root),
+    }
+
+
 def vars_of(preprocess: Preprocess) -> dict:
     return {
         "image_size": preprocess.image_size,
@@ -120,14 +132,7 @@ def extract(
         wanted = extract_fingerprint(
             model, names, paths, preprocess, batch_size, precision, local, local_dtype
         )
-        record = {
-            **fp.weights_record(weights),
-            # A random initialization is rebuilt from its seed (vprkit rerank needs the model).
-            **({"seed": model.vprkit_seed} if hasattr(model, "vprkit_seed") else {}),
-            "device": device,
-            "vprkit_version": vprkit.__version__,
-            "root": None if root is None else str(root),
-        }
+        record = extract_record(model, weights, device, root)
     if folder is not None and is_features_folder(folder):
         existing = load_features(folder)
         if not local and existing.has_local:
