@@ -1,9 +1,12 @@
 """R2Former re-ranking of one query's top-K candidates: the re-ranking transformer
 (`R2Former.rerank_scores`) against the RANSAC baseline (`vprkit.rerank.ransac`: mutual nearest
-neighbours, then an OpenCV homography fit per candidate) on the same tokens, and against the
-re-ranker's previous implementation (`r2former_old`, copied here: full argsort, the
-(B, 1000, 5, 7) pair tensor, every token through every block, 100 pairs per forward) with the
-same weights; their probabilities must agree within 1e-5.
+neighbours, then an OpenCV homography fit per candidate) on the same tokens. Three versions of
+the transformer, same weights:
+- `r2former`: what vprkit runs, with its CPU kernels (`vprkit.kernels`) where they are built;
+- `r2former_torch`: the same code on PyTorch's ops only (`vprkit.kernels.disabled()`);
+- `r2former_old`: the previous implementation, copied here (full argsort, the (B, 1000, 5, 7)
+  pair tensor, every token through every block, 100 pairs per forward), on PyTorch's ops.
+Their probabilities must agree within 1e-5 and rank the candidates in the same order.
 
 Tokens are synthesized as R2Former gives them at 480x640 (a 30x40 grid of 16-pixel patches):
 500 per image, `[x, y, attention, feature128]`, x and y the patch centres over 640, attention
@@ -13,6 +16,11 @@ retrieval top-K has few true matches): their positions are the query's moved by 
 near-identity homography and snapped to the patch grid, their features the query's plus noise;
 the other tokens are random cells with random features. The re-ranker has random weights
 (its cost does not depend on them). All inputs are written once to .npy files.
+
+The machine's limit (a 2048^3 matmul's GFLOP/s, fp32 and bf16) is measured in the same run;
+the transformer's FLOPs per query (matrix products and attention, counted by torch's
+FlopCounterMode on `r2former_torch`) over its time give its achieved GFLOP/s, printed as a
+fraction of the fp32 limit.
 
 Times: all approaches run in this process, alternating query by query (the order rotates every
 query), median over the queries; new vs old is the median of the per-query ratios (the CPU may
@@ -37,13 +45,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import count_flops, describe_limits, machine_limits  # benchmarks/machine.py
 from memory import MIB, peak_rss, rss_now  # benchmarks/memory.py
 
 IMAGE_HW = (480, 640)
 PATCH = 16
 FEAT_DIM = 128
 GLOBAL_DIM = 256
-METHODS = ("ransac", "r2former", "r2former_old")
+METHODS = ("ransac", "r2former", "r2former_torch", "r2former_old")
 OLD_BATCH = 100  # the previous default pairs per forward
 
 
@@ -183,7 +192,7 @@ class Rerankers:
         self.t_globals = torch.from_numpy(self.globals)
         self.batch_size = batch_size
         self.model = None
-        if "r2former" in methods or "r2former_old" in methods:
+        if any(m.startswith("r2former") for m in methods):
             torch.manual_seed(0)
             self.model = vprkit.create_model("r2former").eval()
 
@@ -206,12 +215,20 @@ class Rerankers:
             )
         return scores.numpy()
 
+    def r2former_torch(self, q: int, k: int | None = None) -> np.ndarray:
+        from vprkit import kernels
+
+        with kernels.disabled():
+            return self.r2former(q, k)
+
     def r2former_old(self, q: int, k: int | None = None) -> np.ndarray:
         import torch
 
+        from vprkit import kernels
+
         tokens = self.t_tokens[q, : None if k is None else k + 1]
         scores = []
-        with torch.no_grad():
+        with torch.no_grad(), kernels.disabled():
             for start in range(1, len(tokens), OLD_BATCH):
                 cands = tokens[start : start + OLD_BATCH]
                 query = tokens[:1].expand(len(cands), -1, -1)
@@ -270,7 +287,7 @@ def main() -> None:
         run_child(args)
         return
 
-    methods = METHODS[:2] if args.no_old else METHODS
+    methods = METHODS[:3] if args.no_old else METHODS
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         overlaps = make_inputs(folder, args)
@@ -288,8 +305,12 @@ def main() -> None:
                 t0 = time.perf_counter()
                 scores[method].append(getattr(rr, method)(q))
                 times[method].append(time.perf_counter() - t0)
+        flops = count_flops(lambda: rr.r2former_torch(0))  # the kernels are not counted
+        limits = machine_limits()
 
     import torch
+
+    from vprkit import kernels
 
     med = {m: statistics.median(t) for m, t in times.items()}
     inliers = np.stack(scores["ransac"])
@@ -318,16 +339,29 @@ def main() -> None:
         ms = 1000 * t / args.k
         print(f"| {method} | {t:.3f}{note} | {ms:.1f} | {peak} | {extra} |")
     print()
-    if not args.no_old:
-        ratios = [o / n for o, n in zip(times["r2former_old"], times["r2former"], strict=True)]
+    achieved = flops / med["r2former"] / 1e9
+    print(
+        f"{describe_limits(limits)}; the transformer: {flops / 1e9:.1f} GFLOP per query, "
+        f"{achieved:.0f} GFLOP/s with vprkit's kernels "
+        f"({'built' if kernels.load() is not None else 'NOT built: PyTorch ops only'}) = "
+        f"{achieved / limits['fp32']:.0%} of the fp32 limit"
+    )
+    reference = "r2former_torch" if args.no_old else "r2former_old"
+    for method in [m for m in methods if m.startswith("r2former") and m != reference]:
+        ratios = [o / n for o, n in zip(times[reference], times[method], strict=True)]
         diff = max(
             float(np.abs(n - o).max())
-            for n, o in zip(scores["r2former"], scores["r2former_old"], strict=True)
+            for n, o in zip(scores[method], scores[reference], strict=True)
+        )
+        same_order = all(
+            np.array_equal(np.argsort(-n, kind="stable"), np.argsort(-o, kind="stable"))
+            for n, o in zip(scores[method], scores[reference], strict=True)
         )
         print(
-            f"r2former new vs old: {statistics.median(ratios):.2f}x faster (median of per-query "
-            f"ratios {' '.join(f'{r:.2f}' for r in ratios)}); max |probability difference| "
-            f"{diff:.1e} ({'within' if diff <= 1e-5 else 'OVER'} 1e-5)"
+            f"{method} vs {reference}: {statistics.median(ratios):.2f}x faster (median of "
+            f"per-query ratios {' '.join(f'{r:.2f}' for r in ratios)}); max |probability "
+            f"difference| {diff:.1e} ({'within' if diff <= 1e-5 else 'OVER'} 1e-5); candidate "
+            f"order {'identical' if same_order else 'DIFFERENT'}"
         )
     for method in methods:
         print(f"seconds per query, {method}: {' '.join(f'{s:.3f}' for s in times[method])}")

@@ -649,3 +649,47 @@ def test_tied_correlations_keep_the_top_values():
         logits = rr.logits(x, y)
     torch.testing.assert_close(select[..., 6], ref[..., 6], atol=0, rtol=0)
     assert torch.isfinite(logits).all()
+
+
+def _planted_candidates(query, k, generator):
+    """k candidates sharing a decreasing share of the query's tokens (features with noise,
+    positions shifted a little), the rest random: a retrieval top-k with true matches."""
+    n = query.shape[0]
+    out = _random_tokens((k, n, 131), generator)
+    for c in range(k):
+        shared = torch.randperm(n, generator=generator)[: int(n * 0.8 * (1 - c / k))]
+        out[c, shared, 3:] = query[shared, 3:] + 0.5 * torch.randn(
+            len(shared), 128, generator=generator
+        )
+        out[c, shared, :2] = query[shared, :2] + 0.02 * torch.randn(
+            len(shared), 2, generator=generator
+        )
+    return out
+
+
+@pytest.mark.parametrize("planted", [True, False])
+def test_fast_rerank_matches_transcription_with_the_same_order(reranker_model, planted):
+    """The fast path (vprkit's CPU kernels where built) against the direct transcription of
+    the official forward at full size (500 tokens): probabilities within 1e-5, same order."""
+    g = torch.Generator().manual_seed(18 + planted)
+    K = 8
+    query = _random_tokens((500, 131), g)
+    cands = _planted_candidates(query, K, g) if planted else _random_tokens((K, 500, 131), g)
+    with torch.no_grad():
+        probs = reranker_model.rerank_scores(
+            torch.randn(256), query, torch.randn(K, 256), cands, batch_size=3
+        )
+        ref_logits, _ = reference_rerank(
+            reranker_model.state_dict(), query[None].expand(K, -1, -1), cands
+        )
+    ref = ref_logits.softmax(dim=1)[:, 1]
+    torch.testing.assert_close(probs, ref, atol=1e-5, rtol=0)
+    # The order is the transcription's wherever rounding cannot decide it (gaps over 2e-5);
+    # with planted matches the gaps are all that wide, and the order is the same outright.
+    apart = (ref[:, None] - ref[None, :]) > 2e-5
+    assert torch.all((probs[:, None] > probs[None, :])[apart])
+    if planted:
+        assert torch.sort(ref).values.diff().min() > 1e-4
+        assert torch.equal(
+            torch.argsort(probs, descending=True), torch.argsort(ref, descending=True)
+        )

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vprkit.kernels import groups_first_token, small_head_attention
 from vprkit.models.backbones import (
     Backbone,
     deit_small_distilled_patch16_224,
@@ -104,8 +105,15 @@ class RerankAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv(x)
+        # vprkit's kernel for head size 8 on the CPU (inference): 2-4x PyTorch's attention
+        # there, read straight from the fused projection's output.
+        out = small_head_attention(
+            qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :], self.num_heads
+        )
+        if out is not None:
+            return self.proj(out)
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         # SDPA's default scale is head_dim ** -0.5, timm's. It avoids the (N, N) matrix of the
         # 1,001-token stage (~3x faster than matmul + softmax there), and is faster than
         # matmul + softmax for the 6-token groups too (one call over all groups, ~1.7x).
@@ -116,10 +124,14 @@ class RerankAttention(nn.Module):
         """`forward(x)[:, :1]`: the first token's query only (keys and values of all)."""
         B, N, C = x.shape
         w, b = self.qkv.weight, self.qkv.bias
-        q = F.linear(x[:, :1], w[:C], b[:C]).reshape(B, 1, self.num_heads, C // self.num_heads)
-        kv = F.linear(x, w[C:], b[C:]).reshape(B, N, 2, self.num_heads, C // self.num_heads)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v)
+        q = F.linear(x[:, :1], w[:C], b[:C])
+        kv = F.linear(x, w[C:], b[C:])
+        out = small_head_attention(q, kv[..., :C], kv[..., C:], self.num_heads)
+        if out is not None:
+            return self.proj(out)
+        q = q.reshape(B, 1, self.num_heads, C // self.num_heads).transpose(1, 2)
+        k, v = kv.reshape(B, N, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, 1, C))
 
 
@@ -153,6 +165,16 @@ def first_token_after(blocks: nn.ModuleList, x: Tensor) -> Tensor:
     return (blocks[-1].forward_first(x) if len(blocks) else x[:, :1])[:, 0]
 
 
+def block_weights(blocks: nn.ModuleList) -> list[Tensor]:
+    """The blocks' tensors in the order of vprkit's `groups_first_token` kernel."""
+    return [
+        t
+        for b in blocks
+        for m in (b.norm1, b.attn.qkv, b.attn.proj, b.norm2, b.mlp.fc1, b.mlp.fc2)
+        for t in (m.weight, m.bias)
+    ]
+
+
 class R2FormerReranker(nn.Module):
     """model/R2Former.py's `R2Former` as `GeoLocalizationNetRerank` instantiates it.
 
@@ -179,6 +201,7 @@ class R2FormerReranker(nn.Module):
         self.embed_dim = embed_dim
         self.num_classes = num_classes
         self.num_corr = num_corr
+        self.norm_eps = norm_eps
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.cls_token_2 = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # Never used in forward; kept so the official state dict loads strictly.
@@ -283,7 +306,11 @@ class R2FormerReranker(nn.Module):
         n_groups = pairs.shape[1]
         pairs = pairs.reshape(B * n_groups, k, D)
         x = torch.cat([self.cls_token_2.expand(B * n_groups, -1, -1), pairs], dim=1)
-        x = self.decoder_norm(first_token_after(self.blocks_2, x))
+        num_heads = self.blocks_2[0].attn.num_heads if len(self.blocks_2) else 1
+        first = groups_first_token(x, block_weights(self.blocks_2), num_heads, self.norm_eps)
+        if first is None:
+            first = first_token_after(self.blocks_2, x)
+        x = self.decoder_norm(first)
 
         # Each group's token, plus the sin-cos of its first pair's query-side (x, y): the
         # query token itself for rows 0..N-1, the candidate token's best match for the rest.
@@ -408,10 +435,11 @@ class R2Former(nn.Module):
         tokens = torch.cat([xy.to(feats.dtype), attention.to(feats.dtype), feats], dim=2)
         return DescriptorOutput(global_desc=global_desc, local_tokens=tokens)
 
-    # Pairs per re-ranker forward in `rerank_scores`. On CPU (2 threads, 500 tokens) 5-10
-    # were the fastest, 20 ~10% and 100 ~15% slower: small batches keep the group stage's
-    # activations (10,000 groups x 6 tokens x 128 MLP channels) nearer the caches, and 100
-    # pairs held ~1 GiB more. Other devices (not measured) keep the previous 100.
+    # Pairs per re-ranker forward in `rerank_scores`. On CPU (2 threads, 500 tokens) with
+    # vprkit's kernels, 2 to 20 pairs ran within 5% of each other (1 pair ~20% slower); on
+    # PyTorch's ops alone 5-10 were the fastest, 20 ~10% and 100 ~15% slower (small batches
+    # keep the group stage's 10,000 x 6 x 128 activations nearer the caches; 100 pairs held
+    # ~1 GiB more). Other devices (not measured) keep the previous 100.
     rerank_batch_cpu = 10
     rerank_batch_other = 100
 
