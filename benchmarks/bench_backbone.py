@@ -1,9 +1,16 @@
-"""Feature-extraction throughput of vprkit's ViT against the official DINOv2 code.
+"""Feature-extraction throughput of vprkit's ViT against the official DINOv2 code, and
+against the machine's limit.
 
-Same weights, same inputs, same run; the two models are timed in alternation so that
-machine noise hits both alike. Needs the test-only reference package:
+Same weights, same inputs, same run; the models are timed in alternation so that machine
+noise hits them alike. `--compile` adds vprkit's model through torch.compile (`--compile` of
+the extraction commands; compile time not counted). The machine's limit, a 2048^3 matmul's
+GFLOP/s in fp32 and bf16, is measured in the same run (benchmarks/machine.py); each model's
+GFLOP per image (torch's FlopCounterMode: matrix products and attention) times its img/s is
+its achieved GFLOP/s, printed as a fraction of the limit of its precision. Needs the test-only
+reference package:
     pip install --no-deps dinov2==0.0.1.dev2
 Run:  python benchmarks/bench_backbone.py [--model vitb14] [--sizes 224 322] [--batch 16]
+          [--compile]
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import argparse
 import time
 
 import torch
+from machine import count_flops, describe_limits, machine_limits  # benchmarks/machine.py
 
 import vprkit
 from vprkit.extract import autocast_context
@@ -37,41 +45,61 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     official = official_model(args.model)
     ours = vprkit.create_model(f"dinov2_{args.model}", weights=official.state_dict()).eval()
+    compiled = torch.compile(ours) if args.compile else None
+    limits = machine_limits()
     print(
         f"DINOv2 {args.model}, batch {args.batch}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}"
+        f"torch {torch.__version__}; {describe_limits(limits)}"
     )
     print(
-        f"{'size':>5} {'prec':>5} {'official img/s':>15} {'vprkit img/s':>13} "
-        f"{'ratio':>6} {'max |diff| cls':>15} {'max |diff| vs fp32':>19}"
+        "| size | precision | GFLOP/img | official img/s (% of limit) | vprkit img/s (%) | "
+        "ratio | max abs diff vs official | max abs diff vs fp32"
+        + (
+            " | compiled img/s (%) | compiled max abs diff vs plain |"
+            if compiled is not None
+            else " |"
+        )
     )
+    print("|---" * (10 if compiled is not None else 8) + "|")
     for size in args.sizes:
         x = torch.randn(args.batch, 3, size, size)
         with torch.no_grad():
             reference = official.forward_features(x)["x_norm_clstoken"]
+            gflop = count_flops(lambda x=x: ours(x[:1])) / 1e9
         for precision in args.precisions:
+            runs = {
+                "official": lambda x=x: official.forward_features(x)["x_norm_clstoken"],
+                "vprkit": lambda x=x: ours(x).cls_token,
+            }
+            if compiled is not None:
+                runs["compiled"] = lambda x=x: compiled(x).cls_token
             with torch.no_grad(), autocast_context("cpu", precision):
-                run_official = lambda x=x: official.forward_features(x)["x_norm_clstoken"]  # noqa: E731
-                run_ours = lambda x=x: ours(x).cls_token  # noqa: E731
-                run_official(), run_ours()  # warm-up
-                t_off, t_ours = [], []
+                outs = {name: run().float() for name, run in runs.items()}  # warm-up, compile
+                times = {name: [] for name in runs}
                 for _ in range(args.repeats):
-                    t_off.append(time_once(run_official))
-                    t_ours.append(time_once(run_ours))
-                out_off, out_ours = run_official().float(), run_ours().float()
-            ips_off = args.batch / min(t_off)
-            ips_ours = args.batch / min(t_ours)
-            diff = (out_ours - out_off).abs().max().item()
-            diff_fp32 = (out_ours - reference).abs().max().item()
-            print(
-                f"{size:>5} {precision:>5} {ips_off:>15.2f} {ips_ours:>13.2f} "
-                f"{ips_ours / ips_off:>6.2f} {diff:>15.2e} {diff_fp32:>19.2e}"
+                    for name, run in runs.items():
+                        times[name].append(time_once(run))
+            ips = {name: args.batch / min(t) for name, t in times.items()}
+            limit = limits["bf16" if precision in ("bf16", "fp16") else "fp32"]
+            share = {name: gflop * v / limit for name, v in ips.items()}
+            diff = (outs["vprkit"] - outs["official"]).abs().max().item()
+            diff_fp32 = (outs["vprkit"] - reference).abs().max().item()
+            row = (
+                f"| {size} | {precision} | {gflop:.1f} | {ips['official']:.2f} "
+                f"({share['official']:.0%}) | {ips['vprkit']:.2f} ({share['vprkit']:.0%}) | "
+                f"{ips['vprkit'] / ips['official']:.2f} | {diff:.1e} | {diff_fp32:.1e} |"
             )
+            if compiled is not None:
+                cdiff = (outs["compiled"] - outs["vprkit"]).abs().max().item()
+                row += f" {ips['compiled']:.2f} ({share['compiled']:.0%}) | {cdiff:.1e} |"
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -442,6 +442,12 @@ def add_device_arguments(group: argparse._ArgumentGroup) -> None:
         default="fp32",
         help="autocast precision of the forward passes",
     )
+    group.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the model through torch.compile (needs a C++ compiler; the first batches "
+        "compile, so it pays off on long extractions; falls back to the plain model on failure)",
+    )
 
 
 def add_reranker_arguments(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
@@ -656,6 +662,7 @@ def build_model(
     *,
     seed: int = 0,
     image_size: list[int] | None = None,
+    compile: bool = False,
 ) -> tuple[nn.Module, str | None]:
     """The model the flags ask for, and how its weights are named ("random", a file or an
     official name; None for a parameter-free model). Options, input size and weights are
@@ -663,10 +670,16 @@ def build_model(
     initialization is reproducible (`--seed 0` is `torch.manual_seed(0)`).
 
     `weights` naming an exported `.onnx` file gives its `vprkit.export.runtime.OnnxModel`
-    (run by ONNX Runtime), after checking `method`, `options` and `image_size` against it."""
+    (run by ONNX Runtime), after checking `method`, `options` and `image_size` against it.
+    `compile`: the forward through torch.compile (`vprkit.models.compiled`)."""
     from vprkit.export.runtime import is_onnx_file
 
     if is_onnx_file(weights):
+        if compile:
+            raise VprkitError(
+                f"argument --compile: {weights} runs in ONNX Runtime, which torch.compile "
+                "does not apply to: leave --compile out"
+            )
         return _onnx_model(method, Path(weights).expanduser(), options, image_size), weights
     options = model_options(method, options)
     meta = _meta_model(method, options)
@@ -687,6 +700,10 @@ def build_model(
             f"vprkit: warning: --weights random: {method} is randomly initialized (seed "
             f"{seed}); its figures are those of an untrained network"
         )  # stdout, with the run's log: stderr is for the one line of a failure
+    if compile:
+        from vprkit.models.compiled import compile_forward
+
+        compile_forward(model)
     return model, weights
 
 

@@ -27,6 +27,7 @@ from vprkit.cli_args import (
     positive_int,
     read_dataset,
 )
+from vprkit.models.compiled import check_not_with_ray
 from vprkit.pipeline.config import EvalConfig, size_option
 from vprkit.pipeline.evaluate import EvalResult, evaluate
 
@@ -136,9 +137,15 @@ def evaluate_args(args: argparse.Namespace) -> EvalResult:
     run folder made."""
     config = config_from_args(args)
     check_model(args)  # cheap: a bad flag is reported before the dataset is read
+    check_not_with_ray(args.compile, args.ray)
     dataset = read_dataset(args)  # before the run folder: a bad dataset leaves nothing behind
     model, weights = build_model(
-        args.method, args.weights, args.model_option, seed=args.seed, image_size=args.image_size
+        args.method,
+        args.weights,
+        args.model_option,
+        seed=args.seed,
+        image_size=args.image_size,
+        compile=args.compile,
     )
     record = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     record["_command"] = getattr(args, "_command", None)

@@ -284,7 +284,12 @@ def mine(args: argparse.Namespace) -> np.ndarray:
     )
     options = dict(args.model_option)
     model, weights = build_model(
-        args.method, args.weights, args.model_option, seed=args.seed, image_size=args.image_size
+        args.method,
+        args.weights,
+        args.model_option,
+        seed=args.seed,
+        image_size=args.image_size,
+        compile=args.compile,
     )
     args.weights = weights  # the sidecar records the weights used, the default included
     preprocess = make_preprocess(model, args.image_size)

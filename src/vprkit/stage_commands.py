@@ -96,7 +96,12 @@ def run_extract(args: argparse.Namespace) -> int:
             )
         ]
     model, weights = build_model(
-        args.method, args.weights, args.model_option, seed=args.seed, image_size=args.image_size
+        args.method,
+        args.weights,
+        args.model_option,
+        seed=args.seed,
+        image_size=args.image_size,
+        compile=args.compile,
     )
     info = model_info(model)
     preprocess = make_preprocess(model, args.image_size)

@@ -42,6 +42,7 @@ from vprkit.maps.folder import (
     write_generation,
 )
 from vprkit.maps.positions import Position, UtmZone, collect_positions, project, utm_zone
+from vprkit.models.compiled import check_not_with_ray, compile_forward
 from vprkit.models.registry import model_info
 from vprkit.pipeline import fingerprint as fp
 from vprkit.pipeline.extract import extract, vars_of
@@ -224,6 +225,7 @@ def build_map(
     index_params: str | None = None,
     index_seed: int = 0,
     ray: str | None = None,
+    compile: bool = False,
 ) -> tuple[Map, dict]:
     """Build a map of the photos in the folder `photos` into the folder `out`; returns the
     opened map and a summary (photos in, mapped, left out and why, extent, size).
@@ -237,9 +239,12 @@ def build_map(
     index-factory string (`vprkit.retrieval.indexes`), trained on a sample drawn with
     `index_seed`; `rescore`: candidates re-scored exactly per query (default 100);
     `index_params`: FAISS search parameters (``nprobe=16``, ``efSearch=64``).
+    `compile`: the model's forward through torch.compile (`vprkit.models.compiled`; not with
+    `ray`, whose workers build their own models).
     `ray`: "auto" or a Ray address: the chunks are extracted as a Ray job, one model per
     worker (`vprkit.distributed.ray_extract`); the map is the same.
     """
+    check_not_with_ray(compile, ray)  # before anything is read
     from vprkit.retrieval.indexes import DEFAULT_RESCORE
 
     if rescore is not None and rescore < 0:
@@ -267,6 +272,8 @@ def build_map(
 
     check_spec_size(index, len(keys))  # before any photo is encoded
     model, weights = _model_for(method, weights, model_options, model, seed, image_size)
+    if compile:
+        compile_forward(model)
     info = model_info(model)
     from vprkit.cli_args import make_preprocess
 
@@ -427,11 +434,12 @@ def add_to_map(
     model: nn.Module | None = None,
     device: str = "cpu",
     num_workers: int = 0,
+    compile: bool = False,
 ) -> tuple[Map, dict]:
     """Append `photos` (a folder or files under the map's photos root) to a map, with the
     map's own model, preprocessing and batch rule; photos already in the map are skipped.
     Old descriptors are not recomputed. `weights` must give the map's weights when its
-    record cannot (a file that moved)."""
+    record cannot (a file that moved). `compile`: as for `build_map`."""
     old = Map.open(map_folder)
     meta = old.meta
     root = old.photos_root
@@ -455,6 +463,8 @@ def add_to_map(
             f"{len(excluded)} without a position)"
         )
     model = model or _rebuild_model(old, weights)
+    if compile:
+        compile_forward(model)
     made = old.meta["model"]
     if fp.state_sha256(model) != made["state_sha256"]:
         raise StageMismatchError(

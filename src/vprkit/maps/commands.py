@@ -132,6 +132,7 @@ def _build(args: argparse.Namespace) -> int:
         index_params=args.index_params,
         index_seed=args.index_seed,
         ray=args.ray,
+        compile=args.compile,
     )
     print(format_summary(summary))
     return 0
@@ -148,6 +149,7 @@ def _add(args: argparse.Namespace) -> int:
         weights=args.weights,
         device=args.device,
         num_workers=args.num_workers,
+        compile=args.compile,
     )
     print(format_summary(summary))
     return 0
