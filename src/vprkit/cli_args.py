@@ -655,6 +655,18 @@ def check_model(args: argparse.Namespace) -> None:
         default_weights(args.method, options, meta)
 
 
+def build_model_from_args(args: argparse.Namespace) -> tuple[nn.Module, str | None]:
+    """`build_model` from the model and run flags (`add_model_arguments`, `--compile`)."""
+    return build_model(
+        args.method,
+        args.weights,
+        args.model_option,
+        seed=args.seed,
+        image_size=args.image_size,
+        compile=args.compile,
+    )
+
+
 def build_model(
     method: str,
     weights: str | None,

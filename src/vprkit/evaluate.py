@@ -19,7 +19,7 @@ from vprkit.cli_args import (
     add_ray_argument,
     add_recall_values,
     add_reranker_arguments,
-    build_model,
+    build_model_from_args,
     check_model,
     existing_dir,
     non_negative_int,
@@ -139,14 +139,7 @@ def evaluate_args(args: argparse.Namespace) -> EvalResult:
     check_model(args)  # cheap: a bad flag is reported before the dataset is read
     check_not_with_ray(args.compile, args.ray)
     dataset = read_dataset(args)  # before the run folder: a bad dataset leaves nothing behind
-    model, weights = build_model(
-        args.method,
-        args.weights,
-        args.model_option,
-        seed=args.seed,
-        image_size=args.image_size,
-        compile=args.compile,
-    )
+    model, weights = build_model_from_args(args)
     record = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     record["_command"] = getattr(args, "_command", None)
     return evaluate(model, dataset, config, weights=weights, record=record)

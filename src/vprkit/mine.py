@@ -33,7 +33,7 @@ from vprkit.cli_args import (
     ImageSize,
     add_device_arguments,
     add_model_arguments,
-    build_model,
+    build_model_from_args,
     check_model,
     existing_dir,
     make_preprocess,
@@ -283,14 +283,7 @@ def mine(args: argparse.Namespace) -> np.ndarray:
         args.positive_radius,
     )
     options = dict(args.model_option)
-    model, weights = build_model(
-        args.method,
-        args.weights,
-        args.model_option,
-        seed=args.seed,
-        image_size=args.image_size,
-        compile=args.compile,
-    )
+    model, weights = build_model_from_args(args)
     args.weights = weights  # the sidecar records the weights used, the default included
     preprocess = make_preprocess(model, args.image_size)
     log.info(

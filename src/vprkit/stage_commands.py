@@ -26,6 +26,7 @@ from vprkit.cli_args import (
     add_recall_values,
     add_reranker_arguments,
     build_model,
+    build_model_from_args,
     check_model,
     device,
     existing_dir,
@@ -95,14 +96,7 @@ def run_extract(args: argparse.Namespace) -> int:
                 SIDES, (dataset.database_paths, dataset.query_paths), strict=True
             )
         ]
-    model, weights = build_model(
-        args.method,
-        args.weights,
-        args.model_option,
-        seed=args.seed,
-        image_size=args.image_size,
-        compile=args.compile,
-    )
+    model, weights = build_model_from_args(args)
     info = model_info(model)
     preprocess = make_preprocess(model, args.image_size)
     batch_size = args.infer_batch_size or info.eval_batch_size(
