@@ -23,6 +23,7 @@
 
 #include "lanes.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -32,6 +33,7 @@ namespace {
 using namespace vprkit_kernels;
 
 constexpr int64_t kRowsPerJob = 128;  // query rows per parallel job: balances 2..16 threads
+constexpr int64_t kMaxRows = 2;  // query rows attended together (their scores side by side)
 
 // R query rows at once (sharing each key and value load), head size D.
 template <int64_t D, int64_t R>
@@ -97,7 +99,7 @@ void attend_rows(const float* q, int64_t q_row_stride, float* out, int64_t out_r
                  int64_t rows, const float* kt, const float* vt, int64_t n, int64_t n_padded,
                  float scale, float* scores) {
   // Two rows at a time while their accumulators fit in the 32 vector registers.
-  constexpr int64_t R = D <= 8 ? 2 : 1;
+  constexpr int64_t R = D <= 8 ? kMaxRows : 1;
   int64_t i = 0;
   for (; i + R <= rows; i += R)
     attend_block<D, R>(q + i * q_row_stride, q_row_stride, out + i * out_row_stride,
@@ -121,9 +123,10 @@ void attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), os0 = out.stride(0), os1 = out.stride(1);
   const int64_t jobs = batch * heads * row_chunks;
   // Small jobs (short sequences) are grouped so each parallel task has enough work.
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, n * std::min(nq, kRowsPerJob)));
+  const int64_t job_size = std::max<int64_t>(1, n * std::min(nq, kRowsPerJob));
+  const int64_t grain = std::max<int64_t>(1, 4096 / job_size);
   at::parallel_for(0, jobs, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> kt(D * n_padded, 0.0f), vt(D * n_padded, 0.0f), scores(2 * n_padded);
+    std::vector<float> kt(D * n_padded, 0.0f), vt(D * n_padded, 0.0f), scores(kMaxRows * n_padded);
     int64_t panel = -1;  // the (b, h) whose keys and values kt and vt hold
     for (int64_t job = begin; job < end; ++job) {
       const int64_t bh = job / row_chunks, chunk = job % row_chunks;

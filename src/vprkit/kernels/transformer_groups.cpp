@@ -79,11 +79,11 @@ void linear(const f16* x, int64_t rows, int64_t in, const float* w, const float*
 
 // Softmax attention of queries q (tq rows, c channels) over keys k and values v (t rows each,
 // row strides kv_stride), per head of c / heads channels; out (tq x c).
+// s: room for t scores.
 void attention(const f16* q, int64_t q_stride, int64_t tq, const f16* k, const f16* v,
-               int64_t kv_stride, int64_t t, int64_t c, int64_t heads, f16* out) {
+               int64_t kv_stride, int64_t t, int64_t c, int64_t heads, f16* out, f16* s) {
   const int64_t d = c / heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  std::vector<f16> s(t);
   for (int64_t i = 0; i < tq; ++i) {
     for (int64_t h = 0; h < heads; ++h) {
       const f16* qi = q + i * q_stride + h * d;
@@ -112,9 +112,10 @@ void attention(const f16* q, int64_t q_stride, int64_t tq, const f16* k, const f
 }
 
 struct Scratch {
-  std::vector<f16> normed, qkv, attended, projected, hidden;
+  std::vector<f16> normed, qkv, attended, projected, hidden, scores;
   Scratch(int64_t t, int64_t c, int64_t hidden_max)
-      : normed(t * c), qkv(t * 3 * c), attended(t * c), projected(t * c), hidden(hidden_max) {}
+      : normed(t * c), qkv(t * 3 * c), attended(t * c), projected(t * c), hidden(hidden_max),
+        scores(t) {}
 };
 
 // x (rows x c) += fc2(gelu(fc1(norm2(x)))), one row at a time.
@@ -138,10 +139,12 @@ void block(f16* x, int64_t t, int64_t c, int64_t heads, const Block& bw, float e
   if (first_only) {  // the first token's query, every token's keys and values
     linear(s.normed.data(), 1, c, bw.qkv_w, bw.qkv_b, c, qkv);
     linear(s.normed.data(), t, c, bw.qkv_w + c * c, bw.qkv_b + c, 2 * c, qkv + c);
-    attention(qkv, c, 1, qkv + c, qkv + 2 * c, 2 * c, t, c, heads, s.attended.data());
+    attention(qkv, c, 1, qkv + c, qkv + 2 * c, 2 * c, t, c, heads, s.attended.data(),
+              s.scores.data());
   } else {
     linear(s.normed.data(), t, c, bw.qkv_w, bw.qkv_b, 3 * c, qkv);
-    attention(qkv, 3 * c, t, qkv + c, qkv + 2 * c, 3 * c, t, c, heads, s.attended.data());
+    attention(qkv, 3 * c, t, qkv + c, qkv + 2 * c, 3 * c, t, c, heads, s.attended.data(),
+              s.scores.data());
   }
   linear(s.attended.data(), tq, c, bw.proj_w, bw.proj_b, c, s.projected.data());
   for (int64_t i = 0; i < tq * c; ++i) x[i] += s.projected[i];

@@ -38,7 +38,6 @@ def compile_forward(model: nn.Module) -> nn.Module:
         return plain(*args, **kwargs)
 
     model.forward = forward
-    model.vprkit_compiled = True
     log.info("compiling the model with torch.compile at its first batches (slower at first)")
     return model
 
