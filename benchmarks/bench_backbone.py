@@ -19,9 +19,10 @@ import argparse
 import time
 
 import torch
-from machine import count_flops, describe_limits, machine_limits  # benchmarks/machine.py
+from machine import count_flops, describe_limits, machine_limits, share  # benchmarks/machine.py
 
 import vprkit
+from vprkit.cpu_precision import native_on_cpu
 from vprkit.extract import autocast_context
 
 
@@ -44,10 +45,19 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 322])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        help="default: fp32 and bf16, or fp32 alone on a CPU that emulates bf16",
+    )
 
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     args = parser.parse_args()
+    if args.precisions is None:
+        emulated = native_on_cpu("bf16") is False
+        args.precisions = ["fp32"] if emulated else ["fp32", "bf16"]
+        if emulated:
+            print("bf16 left out: this CPU emulates it (pass --precisions fp32 bf16 to time it)")
 
     torch.manual_seed(0)
     official = official_model(args.model)
@@ -87,18 +97,17 @@ def main() -> None:
                     for name, run in runs.items():
                         times[name].append(time_once(run))
             ips = {name: args.batch / min(t) for name, t in times.items()}
-            limit = limits["bf16" if precision in ("bf16", "fp16") else "fp32"]
-            share = {name: gflop * v / limit for name, v in ips.items()}
+            pct = {name: share(gflop * v, limits, precision) for name, v in ips.items()}
             diff = (outs["vprkit"] - outs["official"]).abs().max().item()
             diff_fp32 = (outs["vprkit"] - reference).abs().max().item()
             row = (
                 f"| {size} | {precision} | {gflop:.1f} | {ips['official']:.2f} "
-                f"({share['official']:.0%}) | {ips['vprkit']:.2f} ({share['vprkit']:.0%}) | "
+                f"({pct['official']}) | {ips['vprkit']:.2f} ({pct['vprkit']}) | "
                 f"{ips['vprkit'] / ips['official']:.2f} | {diff:.1e} | {diff_fp32:.1e} |"
             )
             if compiled is not None:
                 cdiff = (outs["compiled"] - outs["vprkit"]).abs().max().item()
-                row += f" {ips['compiled']:.2f} ({share['compiled']:.0%}) | {cdiff:.1e} |"
+                row += f" {ips['compiled']:.2f} ({pct['compiled']}) | {cdiff:.1e} |"
             print(row, flush=True)
 
 

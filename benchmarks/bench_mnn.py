@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from machine import describe_limits, machine_limits  # benchmarks/machine.py
+from machine import describe_limits, machine_limits, share  # benchmarks/machine.py
 from memory import MIB, peak_rss, rss_now  # benchmarks/memory.py
 
 IMAGE_HW = (224, 224)  # SelaVPR's input: 61x61 maps of 224x224 images
@@ -188,8 +188,8 @@ def main() -> None:
     print(f"{describe_limits(limits)}; similarities: {flops / 1e9:.0f} GFLOP per query")
     for method in [m for m in results if m.startswith("vprkit")]:
         achieved = flops / float(np.median(results[method]["times"])) / 1e9
-        limit = limits["bf16" if method.endswith("bf16") else "fp32"]
-        print(f"{method}: {achieved:.0f} GFLOP/s = {achieved / limit:.0%} of the limit")
+        pct = share(achieved, limits, "bf16" if method.endswith("bf16") else "fp32")
+        print(f"{method}: {achieved:.0f} GFLOP/s = {pct} of the limit")
     if "ransac" in results:
         inliers = results["ransac"]["counts"]
         t_ransac = float(np.median(results["ransac"]["times"]))

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vprkit.atomic import atomic_path, save_npy
+from vprkit.cpu_precision import warn_if_emulated
 from vprkit.data.images import ImageListDataset, Preprocess, input_hw
 from vprkit.errors import VprkitError
 
@@ -34,6 +35,7 @@ def autocast_context(device: str, precision: str):
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
+    warn_if_emulated(device, precision)
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 

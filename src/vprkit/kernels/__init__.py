@@ -6,7 +6,8 @@ sequences; PyTorch's CPU kernels run those shapes far below the machine's speed.
 - `small_head_attention(q, k, v, heads)`: exact softmax attention for head sizes 8, 16 and 32
   (`small_head_attention.cpp`), for the re-ranker's 1,001-token stage;
 - `groups_first_token(x, weights, heads, eps)`: many short sequences through timm pre-norm
-  blocks, 16 sequences per vector (`transformer_groups.cpp`), for its 1,000 groups per pair.
+  blocks, one sequence per vector lane (16 lanes with AVX-512, 8 with AVX2;
+  `transformer_groups.cpp`), for its 1,000 groups per pair.
 
 Both are float32 inference only and agree with PyTorch's ops to rounding; where they do not
 apply (another device or dtype, gradients, tracing, no kernel) the functions return None and the

@@ -5,11 +5,12 @@
 // PyTorch's CPU flash-attention kernel runs head size 8 (R2Former's re-ranker: 32 channels,
 // 4 heads) far below the machine's speed: its score blocks are GEMMs with an inner size of 8.
 // Here each head's keys and values are transposed once into (D, N) panels, and each query row
-// is two passes over 16-key blocks, the scores kept in one cache-resident row:
-//   1. s_j = scale * sum_c q_c K[c, j]   (D fused multiply-adds per 16 scores), and the row max;
+// is two passes over kLanes-key blocks (16 with AVX-512, 8 with AVX2), the scores kept in one
+// cache-resident row:
+//   1. s_j = scale * sum_c q_c K[c, j]   (D fused multiply-adds per kLanes scores), row max;
 //   2. p_j = exp(s_j - max), the sum of p and sum_c-wise p_j V[c, j] accumulated lane-wise.
-// The 16-lane blocks are fixed-size loops the compiler turns into vector registers. The result
-// equals the two-pass softmax in float32 up to rounding (no running rescale, as flash
+// The kLanes-wide blocks are fixed-size loops the compiler turns into vector registers. The
+// result equals the two-pass softmax in float32 up to rounding (no running rescale, as flash
 // attention does, so the order of additions differs from it).
 //
 // Inputs: q (B, Nq, H*D), k and v (B, N, H*D), float32, the channel dimension contiguous (views
@@ -33,7 +34,9 @@ namespace {
 using namespace vprkit_kernels;
 
 constexpr int64_t kRowsPerJob = 128;  // query rows per parallel job: balances 2..16 threads
-constexpr int64_t kMaxRows = 2;  // query rows attended together (their scores side by side)
+// Query rows attended together (their scores side by side): two fill AVX-512's 32 registers at
+// head size 8; with AVX2's 16, one row's query and accumulators already take half of them.
+constexpr int64_t kMaxRows = kLanes == 16 ? 2 : 1;
 
 // R query rows at once (sharing each key and value load), head size D.
 template <int64_t D, int64_t R>
@@ -42,27 +45,27 @@ void attend_block(const float* q, int64_t q_row_stride, float* out, int64_t out_
                   float* scores) {
   // Lanes of the last block past the last key: their scores are pushed below any real one
   // and their exp is zeroed.
-  i16 lane_index;
+  ivec lane_index;
   for (int64_t l = 0; l < kLanes; ++l) lane_index[l] = static_cast<int32_t>(l);
   const int64_t last = n_padded - kLanes;
-  const i16 tail_valid = lane_index < static_cast<int32_t>(n - last);
+  const ivec tail_valid = lane_index < static_cast<int32_t>(n - last);
 
-  f16 qs[R][D];
+  fvec qs[R][D];
   for (int64_t r = 0; r < R; ++r)
     for (int64_t c = 0; c < D; ++c) qs[r][c] = splat(q[r * q_row_stride + c] * scale);
 
   // Pass 1: the scores of the rows and their maxima.
-  f16 lane_max[R];
+  fvec lane_max[R];
   for (int64_t r = 0; r < R; ++r) lane_max[r] = splat(-3.0e38f);
   for (int64_t j0 = 0; j0 < n_padded; j0 += kLanes) {
-    f16 acc[R] = {};
+    fvec acc[R] = {};
     for (int64_t c = 0; c < D; ++c) {
-      const f16 key = load(kt + c * n_padded + j0);
+      const fvec key = load(kt + c * n_padded + j0);
       for (int64_t r = 0; r < R; ++r) acc[r] += qs[r][c] * key;
     }
     for (int64_t r = 0; r < R; ++r) {
       if (j0 == last) acc[r] = tail_valid ? acc[r] : splat(-3.0e38f);
-      std::memcpy(scores + r * n_padded + j0, &acc[r], sizeof(f16));
+      std::memcpy(scores + r * n_padded + j0, &acc[r], sizeof(fvec));
       lane_max[r] = lane_max[r] > acc[r] ? lane_max[r] : acc[r];
     }
   }
@@ -74,17 +77,17 @@ void attend_block(const float* q, int64_t q_row_stride, float* out, int64_t out_
   }
 
   // Pass 2: exp, their sum and the weighted values, lane-wise; reduced over lanes at the end.
-  f16 lane_sum[R] = {};
-  f16 lane_out[R][D] = {};
+  fvec lane_sum[R] = {};
+  fvec lane_out[R][D] = {};
   for (int64_t j0 = 0; j0 < n_padded; j0 += kLanes) {
-    f16 p[R];
+    fvec p[R];
     for (int64_t r = 0; r < R; ++r) {
       p[r] = exp_nonpositive(load(scores + r * n_padded + j0) - row_max[r]);
-      if (j0 == last) p[r] = tail_valid ? p[r] : f16{};
+      if (j0 == last) p[r] = tail_valid ? p[r] : fvec{};
       lane_sum[r] += p[r];
     }
     for (int64_t c = 0; c < D; ++c) {
-      const f16 value = load(vt + c * n_padded + j0);
+      const fvec value = load(vt + c * n_padded + j0);
       for (int64_t r = 0; r < R; ++r) lane_out[r][c] += p[r] * value;
     }
   }

@@ -2,10 +2,10 @@
 //
 // R2Former's re-ranker runs each of its 1,000 groups per pair (a cls token and 5 token pairs,
 // 32 channels) through 2 timm blocks and reads the first token. PyTorch spends that time in
-// small matrix products, (6 x 6) attention and the memory traffic between its ops. Here 16
-// groups travel together, one group per vector lane, so every step (layer norm, the linear
-// layers, the per-group attention, GELU, the residuals) is plain lane-wise arithmetic on
-// activations that stay in the cache, with no reduction across lanes.
+// small matrix products, (6 x 6) attention and the memory traffic between its ops. Here kLanes
+// groups (16 with AVX-512, 8 with AVX2) travel together, one group per vector lane, so every
+// step (layer norm, the linear layers, the per-group attention, GELU, the residuals) is plain
+// lane-wise arithmetic on activations that stay in the cache, with no reduction across lanes.
 //
 // Each block is timm's: x + proj(attn(norm1(x))), then x + fc2(gelu(fc1(norm2(x)))); the last
 // block computes the first token only (its query, projection and MLP), which is all that is read.
@@ -39,38 +39,38 @@ struct Block {
 };
 
 // y[t] = x[t] normalized over its `c` channels, then scaled and shifted (nn.LayerNorm).
-void layer_norm(const f16* x, int64_t rows, int64_t c, const float* w, const float* b,
-                float eps, f16* y) {
+void layer_norm(const fvec* x, int64_t rows, int64_t c, const float* w, const float* b,
+                float eps, fvec* y) {
   for (int64_t t = 0; t < rows; ++t, x += c, y += c) {
-    f16 mean = {};
+    fvec mean = {};
     for (int64_t i = 0; i < c; ++i) mean += x[i];
     mean = mean / static_cast<float>(c);
-    f16 var = {};
+    fvec var = {};
     for (int64_t i = 0; i < c; ++i) var += (x[i] - mean) * (x[i] - mean);
     var = var / static_cast<float>(c) + eps;
-    f16 inv;
+    fvec inv;
     for (int64_t l = 0; l < kLanes; ++l) inv[l] = 1.0f / std::sqrt(var[l]);
     for (int64_t i = 0; i < c; ++i) y[i] = (x[i] - mean) * inv * w[i] + b[i];
   }
 }
 
 // y[t][o] = b[o] + sum_i w[o][i] x[t][i] (nn.Linear), 8 outputs per pass kept in registers.
-void linear(const f16* x, int64_t rows, int64_t in, const float* w, const float* b,
-            int64_t out, f16* y) {
+void linear(const fvec* x, int64_t rows, int64_t in, const float* w, const float* b,
+            int64_t out, fvec* y) {
   constexpr int64_t kBlock = 8;
   for (int64_t t = 0; t < rows; ++t, x += in, y += out) {
     int64_t o = 0;
     for (; o + kBlock <= out; o += kBlock) {
-      f16 acc[kBlock];
+      fvec acc[kBlock];
       for (int64_t k = 0; k < kBlock; ++k) acc[k] = splat(b[o + k]);
       for (int64_t i = 0; i < in; ++i) {
-        const f16 xi = x[i];
+        const fvec xi = x[i];
         for (int64_t k = 0; k < kBlock; ++k) acc[k] += w[(o + k) * in + i] * xi;
       }
       for (int64_t k = 0; k < kBlock; ++k) y[o + k] = acc[k];
     }
     for (; o < out; ++o) {
-      f16 acc = splat(b[o]);
+      fvec acc = splat(b[o]);
       for (int64_t i = 0; i < in; ++i) acc += w[o * in + i] * x[i];
       y[o] = acc;
     }
@@ -80,30 +80,30 @@ void linear(const f16* x, int64_t rows, int64_t in, const float* w, const float*
 // Softmax attention of queries q (tq rows, c channels) over keys k and values v (t rows each,
 // row strides kv_stride), per head of c / heads channels; out (tq x c).
 // s: room for t scores.
-void attention(const f16* q, int64_t q_stride, int64_t tq, const f16* k, const f16* v,
-               int64_t kv_stride, int64_t t, int64_t c, int64_t heads, f16* out, f16* s) {
+void attention(const fvec* q, int64_t q_stride, int64_t tq, const fvec* k, const fvec* v,
+               int64_t kv_stride, int64_t t, int64_t c, int64_t heads, fvec* out, fvec* s) {
   const int64_t d = c / heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   for (int64_t i = 0; i < tq; ++i) {
     for (int64_t h = 0; h < heads; ++h) {
-      const f16* qi = q + i * q_stride + h * d;
-      f16 top = splat(-3.0e38f);
+      const fvec* qi = q + i * q_stride + h * d;
+      fvec top = splat(-3.0e38f);
       for (int64_t j = 0; j < t; ++j) {
-        const f16* kj = k + j * kv_stride + h * d;
-        f16 acc = {};
+        const fvec* kj = k + j * kv_stride + h * d;
+        fvec acc = {};
         for (int64_t e = 0; e < d; ++e) acc += qi[e] * kj[e];
         s[j] = acc * scale;
         top = top > s[j] ? top : s[j];
       }
-      f16 total = {};
+      fvec total = {};
       for (int64_t j = 0; j < t; ++j) {
         s[j] = exp_nonpositive(s[j] - top);
         total += s[j];
       }
-      const f16 inv = 1.0f / total;
-      f16* oi = out + i * c + h * d;
+      const fvec inv = 1.0f / total;
+      fvec* oi = out + i * c + h * d;
       for (int64_t e = 0; e < d; ++e) {
-        f16 acc = {};
+        fvec acc = {};
         for (int64_t j = 0; j < t; ++j) acc += s[j] * v[j * kv_stride + h * d + e];
         oi[e] = acc * inv;
       }
@@ -112,16 +112,16 @@ void attention(const f16* q, int64_t q_stride, int64_t tq, const f16* k, const f
 }
 
 struct Scratch {
-  std::vector<f16> normed, qkv, attended, projected, hidden, scores;
+  std::vector<fvec> normed, qkv, attended, projected, hidden, scores;
   Scratch(int64_t t, int64_t c, int64_t hidden_max)
       : normed(t * c), qkv(t * 3 * c), attended(t * c), projected(t * c), hidden(hidden_max),
         scores(t) {}
 };
 
 // x (rows x c) += fc2(gelu(fc1(norm2(x)))), one row at a time.
-void mlp_residual(f16* x, int64_t rows, int64_t c, const Block& bw, float eps, Scratch& s) {
+void mlp_residual(fvec* x, int64_t rows, int64_t c, const Block& bw, float eps, Scratch& s) {
   for (int64_t t = 0; t < rows; ++t) {
-    f16* xt = x + t * c;
+    fvec* xt = x + t * c;
     layer_norm(xt, 1, c, bw.norm2_w, bw.norm2_b, eps, s.normed.data());
     linear(s.normed.data(), 1, c, bw.fc1_w, bw.fc1_b, bw.hidden, s.hidden.data());
     for (int64_t i = 0; i < bw.hidden; ++i) s.hidden[i] = gelu(s.hidden[i]);
@@ -131,11 +131,11 @@ void mlp_residual(f16* x, int64_t rows, int64_t c, const Block& bw, float eps, S
 }
 
 // One block on every token of the tile (first_only: the first token's output only).
-void block(f16* x, int64_t t, int64_t c, int64_t heads, const Block& bw, float eps,
+void block(fvec* x, int64_t t, int64_t c, int64_t heads, const Block& bw, float eps,
            bool first_only, Scratch& s) {
   layer_norm(x, t, c, bw.norm1_w, bw.norm1_b, eps, s.normed.data());
   const int64_t tq = first_only ? 1 : t;
-  f16* qkv = s.qkv.data();
+  fvec* qkv = s.qkv.data();
   if (first_only) {  // the first token's query, every token's keys and values
     linear(s.normed.data(), 1, c, bw.qkv_w, bw.qkv_b, c, qkv);
     linear(s.normed.data(), t, c, bw.qkv_w + c * c, bw.qkv_b + c, 2 * c, qkv + c);
@@ -183,12 +183,12 @@ at::Tensor groups_first_token(const at::Tensor& x, at::TensorList weights, int64
   const int64_t tiles = (groups + kLanes - 1) / kLanes;
   at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
     Scratch s(t, c, hidden_max);
-    std::vector<f16> tile(t * c);
+    std::vector<fvec> tile(t * c);
     for (int64_t tile_index = begin; tile_index < end; ++tile_index) {
       const int64_t g0 = tile_index * kLanes;
       const int64_t lanes = std::min(kLanes, groups - g0);
       // Transpose in: lane l holds group g0 + l; missing groups of the last tile are zeros.
-      std::fill(tile.begin(), tile.end(), f16{});
+      std::fill(tile.begin(), tile.end(), fvec{});
       for (int64_t l = 0; l < lanes; ++l) {
         const float* xg = xp + (g0 + l) * t * c;
         for (int64_t i = 0; i < t * c; ++i) tile[i][l] = xg[i];

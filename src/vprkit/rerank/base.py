@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vprkit.cpu_precision import warn_if_emulated
 from vprkit.errors import VprkitError
 from vprkit.rerank.local_features import LOCAL_DESC, LOCAL_TOKENS, LocalFeatureCache, feature_kind
 
@@ -82,6 +83,7 @@ class Reranker:
                     f"reranker {self.name} scores {' or '.join(self.local_features)}, not "
                     f"{kind} of shape {query_local.feature_shape}"
                 )
+        warn_if_emulated(device, precision)
         inputs = RerankInputs(
             model,
             query_local,
