@@ -58,3 +58,12 @@ def test_emulating_cpu_gets_one_line_naming_the_precision_and_the_fix(
 def test_other_architectures_are_not_judged(monkeypatch):
     monkeypatch.setattr(cpu_precision.platform, "machine", lambda: "aarch64")
     assert cpu_precision.native_on_cpu("bf16") is None
+
+
+@pytest.mark.parametrize("flags, native", [({"avx2"}, False), ({"avx2", "avx512_fp16"}, True)])
+def test_fp16_is_native_with_avx512_fp16_even_without_amx(monkeypatch, flags, native):
+    # Stand in for an AVX2-only CPU and for a Sapphire Rapids (AVX512-FP16, no AMX-FP16).
+    monkeypatch.setattr(cpu_precision.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(cpu_precision, "_cpuinfo_flags", lambda: frozenset(flags))
+    assert cpu_precision.native_on_cpu("fp16") is native

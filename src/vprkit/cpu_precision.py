@@ -2,8 +2,9 @@
 
 On an x86 CPU without AVX512-BF16 or AMX, PyTorch emulates bf16 matrix products: measured on
 an AVX2-only EPYC with 2 threads, a 512^3 bf16 product ran at 1.3 GFLOP/s against 80 fp32
-(about 60x slower). A user who asks for `--precision bf16` there to go faster would wait far
-longer, so vprkit says so once, with what to use instead.
+(about 60x slower), and fp16 the same without AVX512-FP16 or AMX-FP16. A user who asks for
+`--precision bf16` there to go faster would wait far longer, so vprkit says so once, with
+what to use instead.
 """
 
 from __future__ import annotations
@@ -11,17 +12,33 @@ from __future__ import annotations
 import functools
 import logging
 import platform
+from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
 
-# What makes each precision native on x86 (torch's own CPU feature checks).
+# What makes each precision native on x86: torch's own CPU feature checks, and for fp16 also
+# AVX512-FP16 (Sapphire Rapids has it without AMX-FP16), which torch has no check for.
 _NATIVE_X86 = {
     "bf16": ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
     "fp16": ("_is_amx_fp16_supported",),
 }
-_FEATURE_NAMES = {"bf16": "AVX512-BF16 or AMX", "fp16": "AMX-FP16"}
+_CPUINFO_FLAGS = {"bf16": (), "fp16": ("avx512_fp16",)}
+_FEATURE_NAMES = {"bf16": "AVX512-BF16 or AMX", "fp16": "AVX512-FP16 or AMX-FP16"}
+
+
+@functools.cache
+def _cpuinfo_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), None where it cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return None
 
 
 def native_on_cpu(precision: str) -> bool | None:
@@ -35,7 +52,14 @@ def native_on_cpu(precision: str) -> bool | None:
     checks = [getattr(torch.cpu, name, None) for name in _NATIVE_X86[precision]]
     if any(check is None for check in checks):
         return None
-    return any(check() for check in checks)
+    if any(check() for check in checks):
+        return True
+    if _CPUINFO_FLAGS[precision]:
+        flags = _cpuinfo_flags()
+        if flags is None:
+            return None
+        return any(flag in flags for flag in _CPUINFO_FLAGS[precision])
+    return False
 
 
 @functools.cache
