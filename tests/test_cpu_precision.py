@@ -55,6 +55,24 @@ def test_emulating_cpu_gets_one_line_naming_the_precision_and_the_fix(
     assert "AVX512-BF16 or AMX" in message and "fp32" in message
 
 
+def test_mutual_nn_count_called_directly_warns_on_an_emulating_cpu(
+    caplog, fresh_warning, monkeypatch
+):
+    from vprkit.rerank import mutual_nn_count
+
+    monkeypatch.setattr(cpu_precision.platform, "machine", lambda: "x86_64")
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    query, candidates = torch.randn(16, 8), torch.randn(3, 16, 8)
+    with caplog.at_level(logging.WARNING):
+        fp32 = mutual_nn_count(query, candidates)
+        assert warnings_in(caplog) == []
+        low = mutual_nn_count(query, candidates, precision="bf16")
+    assert torch.equal(low, fp32)  # counts stay exact; the run goes on
+    (message,) = warnings_in(caplog)
+    assert message.startswith("precision bf16: this CPU has no native bf16 arithmetic")
+
+
 def test_other_architectures_are_not_judged(monkeypatch):
     monkeypatch.setattr(cpu_precision.platform, "machine", lambda: "aarch64")
     assert cpu_precision.native_on_cpu("bf16") is None

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vprkit.cpu_precision import warn_if_emulated
 from vprkit.rerank.base import (
     Reranker,
     RerankInputs,
@@ -291,7 +292,7 @@ def mutual_nn_count(
     must be finite. `chunk_size` caps the candidates per block; `memory_budget_bytes` caps the
     bytes of one similarity block (default 6 MiB on CPU, 1 GiB on CUDA; the floor is one block
     of 64 rows). `precision` "fp16"/"bf16" gives the same counts as "fp32" (see module doc);
-    on CPUs without native bf16/fp16 matmul it is slower, not faster.
+    on CPUs without native bf16/fp16 matmul it is slower, not faster, and logs one warning.
     """
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
@@ -303,6 +304,7 @@ def mutual_nn_count(
         )
     if cands.device != q.device:
         raise ValueError(f"query on {q.device} but candidates on {cands.device}")
+    warn_if_emulated(q.device, precision)
     num, lc, _ = cands.shape
     lq = q.shape[0]
     if num == 0:
