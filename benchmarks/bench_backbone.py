@@ -6,11 +6,12 @@ noise hits them alike. `--compile` adds vprkit's model through torch.compile (`-
 the extraction commands; compile time not counted). The machine's limit, a 2048^3 matmul's
 GFLOP/s in fp32 and bf16, is measured in the same run (benchmarks/machine.py); each model's
 GFLOP per image (torch's FlopCounterMode: matrix products and attention) times its img/s is
-its achieved GFLOP/s, printed as a fraction of the limit of its precision. Needs the test-only
-reference package:
+its achieved GFLOP/s, printed as a fraction of the limit of its precision. Freed memory is
+kept for reuse as the vprkit command does (`vprkit.keep_freed_memory`; `--release-memory`
+turns that off). Needs the test-only reference package:
     pip install --no-deps dinov2==0.0.1.dev2
 Run:  python benchmarks/bench_backbone.py [--model vitb14] [--sizes 224 322] [--batch 16]
-          [--compile]
+          [--compile] [--release-memory]
 """
 
 from __future__ import annotations
@@ -52,7 +53,14 @@ def main() -> None:
     )
 
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument(
+        "--release-memory",
+        action="store_true",
+        help="hand freed memory back to the OS (glibc's default) instead of keeping it for "
+        "reuse as the vprkit command does (benchmarks/bench_allocator.py compares the two)",
+    )
     args = parser.parse_args()
+    kept = not args.release_memory and vprkit.keep_freed_memory()
     if args.precisions is None:
         emulated = native_on_cpu("bf16") is False
         args.precisions = ["fp32"] if emulated else ["fp32", "bf16"]
@@ -66,7 +74,8 @@ def main() -> None:
     limits = machine_limits()
     print(
         f"DINOv2 {args.model}, batch {args.batch}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}; {describe_limits(limits)}"
+        f"torch {torch.__version__}, freed memory {'kept' if kept else 'released'}; "
+        f"{describe_limits(limits)}"
     )
     print(
         "| size | precision | GFLOP/img | official img/s (% of limit) | vprkit img/s (%) | "

@@ -1,5 +1,6 @@
 """vprkit: visual place recognition."""
 
+from vprkit.allocator import keep_freed_memory
 from vprkit.models.info import ModelInfo
 from vprkit.models.registry import create_model, list_models, model_info, register_model
 
@@ -9,6 +10,7 @@ __all__ = [
     "ModelInfo",
     "build_map",
     "create_model",
+    "keep_freed_memory",
     "list_models",
     "model_info",
     "register_model",

@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             verb_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args._command = shlex.join(["vprkit", *argv])  # for the run folders' logs
         _, run = _verb_functions(args.verb)
+        from vprkit.allocator import keep_freed_memory
+
+        keep_freed_memory()  # batches reuse each other's memory (see vprkit.allocator)
         return int(run(args) or 0)
     except SystemExit as exit_:  # argparse's usage errors (2) and --help (0)
         return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 2

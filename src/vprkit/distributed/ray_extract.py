@@ -94,6 +94,9 @@ class _ExtractWorker:
     """One Ray actor: one model, kept for every shard it is given."""
 
     def __init__(self, model: nn.Module | ModelSpec, device: str) -> None:
+        from vprkit.allocator import keep_freed_memory
+
+        keep_freed_memory()  # as the vprkit command does: batches reuse each other's memory
         self.model = model.build() if isinstance(model, ModelSpec) else model
         self.device = device
 
