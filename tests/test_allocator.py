@@ -1,5 +1,6 @@
 """vprkit.allocator: freed memory stays mapped, so later batches' tensors fault no pages in."""
 
+import os
 import platform
 import subprocess
 import sys
@@ -39,7 +40,7 @@ print(kept, sum(faults_of_one_batch() for _ in range(5)))
 
 
 def _later_batches_faults(env_value: str | None) -> tuple[bool, int]:
-    env = {k: v for k, v in __import__("os").environ.items() if k != "VPRKIT_KEEP_FREED_MEMORY"}
+    env = {k: v for k, v in os.environ.items() if k != "VPRKIT_KEEP_FREED_MEMORY"}
     if env_value is not None:
         env["VPRKIT_KEEP_FREED_MEMORY"] = env_value
     out = subprocess.run(
